@@ -9,7 +9,8 @@ import resource
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# BENCH_RESULTS_DIR redirects the JSON files (e.g. to $OUT on a lent GPU machine)
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict:

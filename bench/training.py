@@ -2,11 +2,13 @@
 
 Stock TRL runs with its own defaults (bf16 on, gradient checkpointing on, a live reference model forward every
 step). The stage runs as the product does: the reference log-probs computed once in a no-grad pass, no activation
-checkpointing, bf16 autocast, length-grouped batches. Each side runs in its own process (clean peak RSS).
+checkpointing, bf16 autocast. Each side runs in its own process (clean peak RSS).
 Reported: tokens/s (non-pad tokens of both sequences of every pair, times epochs, over the training wall time
 including the reference pass), peak RSS, the loss after N steps (must agree: |delta| <= 0.01), and model FLOP
 utilisation: (6·N·tokens for the policy + 2·N·tokens for the reference) / s over the measured bf16 matmul peak.
-Run: python -m bench.training [--model REF] [--pairs 48] [--steps 12] [--batch 4]
+``--precision fp32`` turns bf16 off on both sides: the equivalence check (bf16 rounding differs between a live and
+a precomputed reference pass, so bf16 losses drift apart by noise; in fp32 they must agree closely).
+Run: python -m bench.training [--model REF] [--pairs 48] [--steps 12] [--batch 4] [--precision bf16|fp32]
 """
 
 from __future__ import annotations
@@ -51,7 +53,30 @@ def count_tokens(tok, df) -> int:
     return n
 
 
-def run_one(side: str, model_ref: str, pairs_path: str, steps: int, batch: int, max_length: int, lr: float) -> dict:
+def step_timer():
+    """A TrainerCallback recording wall time at every optimizer step end (steady-state step time, warm-up excluded)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+        def steady_step_s(self, skip: int = 2) -> float | None:
+            d = sorted(b - a for a, b in zip(self.times[skip:], self.times[skip + 1:]))
+            return d[len(d) // 2] if d else None
+
+    return StepTimer()
+
+
+def run_one(side: str, model_ref: str, pairs_path: str, steps: int, batch: int, max_length: int, lr: float,
+            bf16: bool = True) -> dict:
     import pandas as pd
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,13 +98,16 @@ def run_one(side: str, model_ref: str, pairs_path: str, steps: int, batch: int, 
         with tempfile.TemporaryDirectory() as out:
             args = DPOConfig(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
                              max_length=max_length, seed=0, data_seed=0, report_to=[], logging_steps=1,
-                             save_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+                             save_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True, bf16=bf16,
                              dataloader_num_workers=0)  # everything else: TRL's defaults (bf16, checkpointing)
             model = AutoModelForCausalLM.from_pretrained(m.path, dtype=torch.float32)
+            timer = step_timer()
             t0 = time.perf_counter()  # from building the trainer (tokenisation, reference copy) to trained
-            trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+            trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[timer])
+            t1 = time.perf_counter()
             trainer.train()
             wall = time.perf_counter() - t0
+            setup_s, train_s = t1 - t0, wall - (t1 - t0)
             log = trainer.state.log_history
         ref_tokens = n_tokens_epoch * epochs  # live reference: one forward per training sequence
     else:
@@ -91,18 +119,21 @@ def run_one(side: str, model_ref: str, pairs_path: str, steps: int, batch: int, 
         with tempfile.TemporaryDirectory() as work:
             pairs = write_table(df, Path(work) / "pairs", name="pairs", producer="bench")
             cfg = TrainConfig(batch_size=batch, max_steps=steps, learning_rate=lr, max_length=max_length, seed=0,
-                              warmup_ratio=0.0, bf16=True)
-            ref = train(m, pairs, cfg, MethodConfig(), work, quiet=True)
+                              warmup_ratio=0.0, bf16=bf16)
+            timer = step_timer()
+            ref = train(m, pairs, cfg, MethodConfig(), work, quiet=True, callbacks=[timer])
             manifest = json.loads((Path(ref.path) / "manifest.json").read_text())
             # the same span as stock: trainer built (tokenisation, reference pass) to trained; not load or save
-            wall = manifest["metrics"]["setup_s"] + manifest["metrics"]["train_s"]
+            setup_s, train_s = manifest["metrics"]["setup_s"], manifest["metrics"]["train_s"]
+            wall = setup_s + train_s
             log = manifest["log_history"]
         ref_tokens = n_tokens_epoch  # one no-grad reference pass over the pairs
     losses = [r["loss"] for r in log if "loss" in r]
     train_tokens = n_tokens_epoch * epochs
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(m.path).parameters())
     flops = 6 * n_params * train_tokens + 2 * n_params * ref_tokens
-    return {"side": side, "wall_s": wall, "tokens": train_tokens, "tokens_per_s": train_tokens / wall,
+    return {"side": side, "wall_s": wall, "setup_s": setup_s, "train_s": train_s,
+            "steady_step_s": timer.steady_step_s(), "tokens": train_tokens, "tokens_per_s": train_tokens / wall,
             "loss_at_last_step": losses[-1], "losses": losses, "peak_rss_gib": peak_rss_gib(),
             "achieved_tflops": flops / wall / 1e12, "n_params": n_params}
 
@@ -115,12 +146,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--lr", type=float, default=5e-6)
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--tag", default="", help="results go to bench/results/training[_TAG].json")
     ap.add_argument("--one", choices=["stock", "product"])
     ap.add_argument("--pairs-path")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     if a.one:  # child process: one side only
-        res = run_one(a.one, a.model, a.pairs_path, a.steps, a.batch, a.max_length, a.lr)
+        res = run_one(a.one, a.model, a.pairs_path, a.steps, a.batch, a.max_length, a.lr, a.precision == "bf16")
         Path(a.out).write_text(json.dumps(res))
         return res
     from pipeline_lib.models import resolve
@@ -134,7 +167,8 @@ def main(argv=None) -> dict:
             out = f"{tmp}/{side}.json"
             subprocess.run([sys.executable, "-m", "bench.training", "--one", side, "--model", a.model,
                             "--pairs-path", pairs_path, "--out", out, "--steps", str(a.steps), "--batch",
-                            str(a.batch), "--max-length", str(a.max_length), "--lr", str(a.lr)], check=True)
+                            str(a.batch), "--max-length", str(a.max_length), "--lr", str(a.lr),
+                            "--precision", a.precision], check=True)
             r = json.loads(Path(out).read_text())
             r["mfu"] = r["achieved_tflops"] / peak
             rows.append(r)
@@ -142,8 +176,9 @@ def main(argv=None) -> dict:
     dloss = abs(rows[1]["loss_at_last_step"] - rows[0]["loss_at_last_step"])
     result = {"bench": "training", "machine": machine(), "settings": vars(a), "bf16_matmul_peak_tflops": peak,
               "rows": rows, "speedup": speedup, "loss_abs_delta": dloss, "targets": {"speedup": 1.5, "dloss": 0.01}}
-    save("training", result)
-    print(md_table(rows, ["side", "tokens_per_s", "wall_s", "peak_rss_gib", "loss_at_last_step", "mfu"]))
+    save("training" + (f"_{a.tag}" if a.tag else ""), result)
+    print(md_table(rows, ["side", "tokens_per_s", "wall_s", "setup_s", "train_s", "steady_step_s", "peak_rss_gib",
+                          "loss_at_last_step", "mfu"]))
     print(f"\nspeed-up {speedup:.2f}x (target >= 1.5x); |loss delta| {dloss:.4f} (target <= 0.01); "
           f"bf16 matmul peak {peak:.2f} TFLOP/s")
     return result

@@ -21,40 +21,13 @@ SCHED = ["follow_champion=true", "prompts.n_heldout=32", "evaluate.temperature=1
          "run.quiet=true", f"run.registered_model={NAME}", f"run.experiment={NAME}"]
 
 
-def _serve_defects() -> list[str]:
-    """What keeps `alignflow serve` from running scheduled rounds (each has its own test below, xfail until fixed)."""
-    from pipeline_lib.commands.serve import build_deployments
-    from pipeline_lib.config import RoundConfig, load_config
-
-    cfg = load_config(REPO / "configs/smoke.yaml", SCHED)
-    round_dep = build_deployments(cfg, "t", None, 60, 2)[0]
-    out = []
-    try:
-        RoundConfig.model_validate(round_dep.parameters["config"])
-    except ValueError:
-        out.append("its deployment parameters fail RoundConfig validation (config.method() and model_fields_set)")
-    if round_dep.concurrency_limit != 1:
-        out.append("its round deployment has no concurrency limit of 1, so scheduled rounds overlap")
-    import sqlalchemy
-
-    if tuple(int(x) for x in sqlalchemy.__version__.split(".")[:2]) >= (2, 1):
-        out.append(f"the Prefect server's scheduler fails on SQLAlchemy {sqlalchemy.__version__} (pinned in "
-                   "requirements/cpu.lock; needs 2.0.x, see test_the_server_scheduler_creates_runs)")
-    return out
-
-
 def test_serve_parameters_validate_as_the_flow_parameters():
     """A deployment's parameters are JSON that the flow run validates again: RoundConfig must survive model_dump()
     -> model_validate() (it did not while config.method() took the dumped default `sail`/`wpo` as set)."""
     from pipeline_lib.config import RoundConfig, load_config
 
     cfg = load_config(REPO / "configs/smoke.yaml", SCHED)
-    try:
-        again = RoundConfig.model_validate(cfg.model_dump(mode="json"))
-    except ValueError:
-        pytest.xfail("RoundConfig does not round-trip through model_dump (config.method() uses model_fields_set; "
-                     "fix proposed in the operations report)")
-    assert again == cfg
+    assert RoundConfig.model_validate(cfg.model_dump(mode="json")) == cfg
 
 
 def test_serve_runs_one_round_at_a_time():
@@ -62,10 +35,6 @@ def test_serve_runs_one_round_at_a_time():
     from pipeline_lib.config import load_config
 
     round_dep = build_deployments(load_config(REPO / "configs/smoke.yaml", SCHED), "t", None, 60, 2)[0]
-    if round_dep.concurrency_limit != 1:
-        pytest.xfail("alignflow serve: the round deployment has no concurrency limit (fix proposed in the "
-                     "operations report); a round longer than the interval overlaps the next, which then samples "
-                     "from the old champion")
     assert round_dep.concurrency_limit == 1
 
 
@@ -78,9 +47,8 @@ def test_the_server_scheduler_creates_runs(prefect_server):
     deadline = time.monotonic() + 15  # the recent-deployments scheduler loops every 5 s
     while not (runs := prefect_server.flow_runs(dep["id"])) and time.monotonic() < deadline:
         time.sleep(1)
-    if not runs and "Can't evaluate bulk DML statement" in prefect_server.log_tail(10**7):
-        pytest.xfail("the Prefect server's scheduler fails on SQLAlchemy >= 2.1 (requirements/cpu.lock pins 2.1.9; "
-                     "pin 2.0.x: proposed in the operations report)")
+    # SQLAlchemy 2.1 breaks Prefect 3.7.7's scheduler ("Can't evaluate bulk DML statement"): cpu.lock pins 2.0.x
+    assert "Can't evaluate bulk DML statement" not in prefect_server.log_tail(10**7)
     assert runs and all(r["auto_scheduled"] and r["state"]["type"] == "SCHEDULED" for r in runs)
     starts = sorted(r["expected_start_time"] for r in runs)
     assert len(starts) >= 2  # several future runs, 60 s apart
@@ -88,9 +56,6 @@ def test_the_server_scheduler_creates_runs(prefect_server):
 
 @pytest.mark.slow
 def test_two_scheduled_rounds_the_second_from_the_promoted_champion(prefect_server, tmp_path):
-    defects = _serve_defects()
-    if defects:
-        pytest.skip("alignflow serve cannot run scheduled rounds yet: " + "; ".join(defects))
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
