@@ -87,7 +87,16 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory (large models)")
     lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning")
     lora_alpha: int = Field(16, ge=1)
+    ensemble: int = Field(1, ge=1, description="BPO: train N LoRA adapters (seeds seed..seed+N-1) on the same pairs "
+                                               "and average their merged weights into the next policy")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _ensemble_needs_lora(self) -> "TrainConfig":
+        if self.ensemble > 1 and not self.lora_r:
+            raise ValueError(f"train.ensemble={self.ensemble} averages LoRA adapters: set train.lora_r > 0 "
+                             "(e.g. 8)")
+        return self
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps for resume (0: only at the end)")
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, write_model
+from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, ref_from_dir, write_model
 from pipeline_lib.config import TrainConfig
 from pipeline_lib.losses import LOSSES, MethodConfig
 from pipeline_lib.models import ResolvedModel
@@ -91,18 +91,23 @@ def train(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: M
           work_dir: str | Path, reference: ResolvedModel | None = None, callbacks: list | None = None,
           on_log: Callable[[dict], None] | None = None, quiet: bool = False) -> ArtifactRef:
     """Train ``policy`` on ``pairs``. The reference log-probs come from ``reference`` (default: the policy itself,
-    which in a round is also the behavior policy that sampled the pairs) in one no-grad pass before training."""
+    which in a round is also the behavior policy that sampled the pairs) in one no-grad pass before training.
+    With ``cfg.ensemble = N > 1`` (BPO), N LoRA members are trained and averaged (see ``_train_ensemble``)."""
     reference = reference or policy
     config = {**cfg.model_dump(), "method": method.model_dump()}
     inputs = {"policy": policy.sha256, "pairs": pairs.sha256, "reference": reference.sha256}
     out = output_dir(work_dir, "train", inputs, config)
     if done(out):
         return ref_from_dir(out)
+    if cfg.ensemble > 1:
+        return _train_ensemble(policy, pairs, cfg, method, work_dir, reference, callbacks, on_log, quiet, out,
+                               inputs, config)
     work = out.parent / f"{out.name}.work"  # stable across re-runs: holds resumable checkpoints
     work.mkdir(parents=True, exist_ok=True)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import set_seed as transformers_set_seed
     from pipeline_lib.trainer import AlignTrainer
 
     if quiet:
@@ -113,6 +118,7 @@ def train(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: M
         transformers.logging.set_verbosity_error()
     pairs_df = read_table(pairs)
     tok = AutoTokenizer.from_pretrained(policy.path)
+    transformers_set_seed(cfg.seed)  # before PEFT wraps the model: the LoRA initialisation follows train.seed
     model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=getattr(torch, cfg.dtype))
     args = dpo_args(cfg, work, len(pairs_df))
 
@@ -171,6 +177,55 @@ def train(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: M
                              "reference_model": {"ref": reference.ref, "sha256": reference.sha256}})
     shutil.rmtree(work, ignore_errors=True)
     return ref
+
+
+def _train_ensemble(policy, pairs, cfg, method, work_dir, reference, callbacks, on_log, quiet, out, inputs,
+                    config) -> ArtifactRef:
+    """BPO's ensemble (Xu et al. 2024, "BPO", §4): N LoRA adapters trained on the same pairs from different seeds
+    (initialisation and data order), merged into the base and averaged uniformly. Each member is merged before
+    averaging, so the result is W0 + mean_i(B_i A_i · alpha/r): the mean of the adapters' weight deltas (averaging
+    the A and B factors separately would not be). Members are ordinary train artifacts, each cached, so a crash
+    during member k re-runs only from member k."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    members = []
+    for i in range(cfg.ensemble):
+        member_cfg = cfg.model_copy(update={"ensemble": 1, "seed": cfg.seed + i})
+        members.append(train(policy, pairs, member_cfg, method, work_dir, reference, callbacks,
+                             (lambda row, i=i: on_log({**row, "ensemble_member": i})) if on_log else None, quiet))
+    first = Path(members[0].path)
+    shards = sorted(p.name for p in first.glob("*.safetensors"))
+
+    def build(tmp: Path) -> None:
+        for item in first.iterdir():  # config, tokenizer, shard index: identical across members
+            if item.is_file() and item.suffix != ".safetensors" and item.name != "manifest.json":
+                shutil.copy(item, tmp / item.name)
+        for shard in shards:
+            total: dict[str, torch.Tensor] = {}
+            dtypes: dict[str, torch.dtype] = {}
+            for m in members:  # a running fp32 sum: one member's shard in memory at a time
+                for k, v in load_file(str(Path(m.path) / shard)).items():
+                    dtypes.setdefault(k, v.dtype)
+                    total[k] = total[k].add_(v.float()) if k in total else v.float()
+            save_file({k: (v / len(members)).to(dtypes[k]).contiguous() for k, v in total.items()},
+                      str(tmp / shard), metadata={"format": "pt"})
+
+    manifests = [read_manifest(m.path) for m in members]
+    keys = set.intersection(*(set(mf["metrics"]) for mf in manifests))
+    metrics = {k: sum(float(mf["metrics"][k]) for mf in manifests) / len(manifests) for k in sorted(keys)
+               if all(isinstance(mf["metrics"][k], (int, float)) for mf in manifests)}
+    metrics.update(ensemble=len(members), train_s=sum(mf["metrics"].get("train_s", 0.0) for mf in manifests),
+                   setup_s=sum(mf["metrics"].get("setup_s", 0.0) for mf in manifests))
+    if all("tokens_per_s" in mf["metrics"] for mf in manifests):  # a rate: tokens over the summed wall time
+        metrics["tokens_per_s"] = len(manifests) / sum(1 / mf["metrics"]["tokens_per_s"] for mf in manifests)
+    return write_model(build, out, name="checkpoint", producer="train", inputs=inputs, config=config,
+                       extra={"metrics": metrics, "log_history": manifests[0].get("log_history", []),
+                              "ensemble_members": [{"sha256": m.sha256, "path": str(m.path), "seed": cfg.seed + i,
+                                                    "metrics": mf["metrics"]}
+                                                   for i, (m, mf) in enumerate(zip(members, manifests))],
+                              "base_model": {"ref": policy.ref, "sha256": policy.sha256},
+                              "reference_model": {"ref": reference.ref, "sha256": reference.sha256}})
 
 
 def _count_tokens(ds) -> int:

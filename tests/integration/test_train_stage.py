@@ -56,3 +56,42 @@ def test_training_raises_the_margin_and_saves_a_plain_checkpoint(tiny_model, tmp
     assert set(trained) == set(base)  # LoRA merged away: same parameter names as the base model
     assert any(not torch.equal(base[k], trained[k]) for k in base)
     assert _margin(ckpt.path, tok, df) > _margin(tiny_model.path, tok, df) + 0.1
+
+
+def test_bpo_ensemble_averages_the_members_weight_deltas(tiny_model, tmp_path):
+    """ensemble=2: two LoRA members from seeds 0 and 1 (different initialisation and data order), each a cached
+    train artifact of its own, merged and averaged: every tensor of the result is the mean of the members'."""
+    from safetensors.torch import load_file
+
+    from pipeline_lib.artifacts import read_manifest
+
+    torch.set_num_threads(1)
+    df, pairs = _pairs(tiny_model, tmp_path)
+    cfg = TrainConfig(learning_rate=5e-3, max_steps=3, batch_size=2, max_length=128, bf16=False, warmup_ratio=0.0,
+                      lora_r=4, ensemble=2, seed=0)
+    ens = train(tiny_model, pairs, cfg, MethodConfig(), tmp_path / "work", quiet=True)
+    verify(ens)
+    members = read_manifest(ens.path)["ensemble_members"]
+    assert [m["seed"] for m in members] == [0, 1]
+    w = [load_file(f"{m['path']}/model.safetensors") for m in members]
+    avg = load_file(f"{ens.path}/model.safetensors")
+    base = load_file(f"{tiny_model.path}/model.safetensors")
+    assert set(avg) == set(base)
+    moved = [k for k in base if not torch.equal(w[0][k], w[1][k])]
+    assert moved  # the seeds matter: the members differ where LoRA adapted the weights
+    for k in base:
+        torch.testing.assert_close(avg[k], (w[0][k] + w[1][k]) / 2, rtol=0, atol=1e-6)
+        # equivalently: the delta from the base is the mean of the members' deltas
+        torch.testing.assert_close(avg[k] - base[k], ((w[0][k] - base[k]) + (w[1][k] - base[k])) / 2,
+                                   rtol=0, atol=1e-6)
+    # member 0 is exactly the single-model run with seed 0: the same cached artifact, not a retrain
+    single = train(tiny_model, pairs, cfg.model_copy(update={"ensemble": 1}), MethodConfig(), tmp_path / "work",
+                   quiet=True)
+    assert single.sha256 == members[0]["sha256"]
+
+
+def test_ensemble_without_lora_is_a_config_error():
+    from pipeline_lib.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train.ensemble=3 averages LoRA adapters: set train.lora_r > 0"):
+        load_config(None, ["train.ensemble=3"])
