@@ -53,7 +53,7 @@ def generate_task(model: ResolvedModel, data: dict[str, ArtifactRef], a: bm.Alpa
 def alpaca_annotate_task(outputs: ArtifactRef, eval_set: ArtifactRef, judge: dict[str, Any],
                          cfg: bm.AlpacaEvalConfig, ctx: RoundContext) -> ArtifactRef:
     """Pairwise verdicts against the reference outputs; AlpacaEval 2 metrics in the manifest."""
-    ref = bm.alpaca_annotate(outputs, judge, ctx.work_dir, cfg.instruction_difficulty)
+    ref = bm.alpaca_annotate(outputs, judge, ctx.work_dir, cfg.instruction_difficulty, quiet=ctx.quiet)
     man = read_manifest(ref.path)
     ctx.record("alpaca_eval-annotate", {"outputs": outputs, "eval_data": eval_set}, {"annotations": ref},
                {"judge": man["judge"], "instruction_difficulty": man["instruction_difficulty"]})
@@ -67,7 +67,8 @@ def mt_bench_judge_task(answers: ArtifactRef, questions: ArtifactRef, judge: dic
     artifact of the stage's run."""
     from pipeline_lib.lineage import RoundLineage
 
-    ref = bm.mt_bench_judge(answers, judge, cfg.reference_answers, cfg.judge_prompts, ctx.work_dir)
+    ref = bm.mt_bench_judge(answers, judge, cfg.reference_answers, cfg.judge_prompts, ctx.work_dir,
+                            quiet=ctx.quiet)
     man = read_manifest(ref.path)
     run_id = ctx.record("mt_bench-judge", {"answers": answers, "eval_data": questions}, {"ratings": ref},
                         {"judge": man["judge"], "reference_answers": man["reference_answers"]})

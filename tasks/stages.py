@@ -18,6 +18,7 @@ from pipeline_lib.models import ResolvedModel, resolve
 from pipeline_lib.pairs import make_pairs
 from pipeline_lib.prompts.sources import PromptSetOptions
 from pipeline_lib.prompts.stage import make_prompts
+from pipeline_lib.report.progress import Progress
 from pipeline_lib.training import train
 from tasks.common import RoundContext, gpu_slot, task_options
 
@@ -48,7 +49,7 @@ def collect_task(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig
 @task(**task_options("annotate"))
 def annotate_task(generations: ArtifactRef, judge: dict[str, Any], ctx: RoundContext) -> ArtifactRef:
     """Score every sample with the judge."""
-    ref = annotate(generations, judge, ctx.work_dir)
+    ref = annotate(generations, judge, ctx.work_dir, quiet=ctx.quiet)
     ctx.record("annotate", {"generations": generations}, {"judgments": ref}, judge)
     return ref
 
@@ -98,10 +99,10 @@ def hybrid_pair_task(judgments: ArtifactRef, cfg: HybridOptions, ctx: RoundConte
 def train_task(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: MethodConfig,
                reference: ResolvedModel, ctx: RoundContext) -> ArtifactRef:
     """Preference-optimise the policy on the pairs against the reference; returns the checkpoint."""
-    from pipeline_lib.progress import train_progress
-
-    with gpu_slot(ctx.gpu_limit), train_progress(quiet=ctx.quiet) as on_log:
-        ref = train(policy, pairs, cfg, method, ctx.work_dir, reference=reference, on_log=on_log, quiet=ctx.quiet)
+    # The total (steps x ensemble members) comes with the trainer's first log row; a cached checkpoint logs none.
+    with gpu_slot(ctx.gpu_limit), Progress(0, "train", "steps", quiet=ctx.quiet) as progress:
+        ref = train(policy, pairs, cfg, method, ctx.work_dir, reference=reference,
+                    on_log=progress.trainer_callback(members=cfg.ensemble), quiet=ctx.quiet)
     ctx.record("train", {"policy": policy, "pairs": pairs, "reference": reference}, {"checkpoint": ref},
                {**cfg.model_dump(), "method": method.model_dump()})
     return ref

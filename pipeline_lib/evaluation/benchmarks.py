@@ -42,8 +42,10 @@ from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, sha256
 from pipeline_lib.config import RunConfig, Section
 from pipeline_lib.evaluation import alpaca_eval as ae
 from pipeline_lib.evaluation import mt_bench as mtb
+from pipeline_lib.judges.annotate import judge_in_chunks
 from pipeline_lib.judges.base import Item, build_judge
 from pipeline_lib.models import ResolvedModel
+from pipeline_lib.report.progress import Progress
 from pipeline_lib.stage import done, output_dir
 
 BENCHMARKS = ("alpaca_eval", "mt_bench")
@@ -146,9 +148,10 @@ class SamplingKey:
 
 
 def run_requests(model: ResolvedModel, messages: Sequence[list[dict]], keys: Sequence[SamplingKey],
-                 quiet: bool = False) -> tuple[list[dict], dict]:
-    """One output per chat, by vLLM in a child process: one ``sample()`` call per distinct sampling key. Returns
-    (per request: response, n_tokens, finish_reason), stats summed over the calls (``worker_calls`` included)."""
+                 quiet: bool = False, progress: Progress | None = None) -> tuple[list[dict], dict]:
+    """One output per chat, by vLLM in a child process: one ``sample()`` call per distinct sampling key (each
+    advances ``progress`` by its requests when it returns). Returns (per request: response, n_tokens,
+    finish_reason), stats summed over the calls (``worker_calls`` included)."""
     from transformers import AutoTokenizer
 
     from pipeline_lib.generation.sampling import SamplingSpec, render_chat, sample
@@ -162,7 +165,7 @@ def run_requests(model: ResolvedModel, messages: Sequence[list[dict]], keys: Seq
         greedy = key.temperature < GREEDY_BELOW
         spec = SamplingSpec(n=1, temperature=0.0 if greedy else key.temperature, top_p=1.0 if greedy else key.top_p,
                             max_tokens=key.max_tokens, seed=key.seed, kv_cache_gib=key.kv_cache_gib, quiet=quiet)
-        df, st = sample(model.path, [ids[i] for i in where], spec)
+        df, st = sample(model.path, [ids[i] for i in where], spec, progress)
         df = df.sort_values("prompt_index").reset_index(drop=True)
         for row in df.itertuples(index=False):
             out[where[row.prompt_index]] = {"response": row.response, "n_tokens": int(row.n_tokens),
@@ -272,7 +275,9 @@ def generate_benchmarks(model: ResolvedModel, work_dir, *, alpaca: tuple[Artifac
             msgs.append(mtb.conversation(q._asdict(), [], 1)), keys.append(_mt_key(q.category, *mt_bench[1:]))
             owner.append(("mt_bench", i))
     t0 = time.perf_counter()
-    first, stats1 = run_requests(model, msgs, keys, quiet)
+    n_turn2 = sum(len(q.turns) > 1 for q in plan["mt_bench"][1].itertuples()) if "mt_bench" in plan else 0
+    progress = Progress(len(msgs) + n_turn2, "benchmarks (generate)", "responses", quiet=quiet)
+    first, stats1 = run_requests(model, msgs, keys, quiet, progress)
     shared_calls = stats1["worker_calls"]
     results: dict[str, dict[int, dict]] = {"alpaca_eval": {}, "mt_bench": {}}
     for (bench, i), r in zip(owner, first):
@@ -310,7 +315,7 @@ def generate_benchmarks(model: ResolvedModel, work_dir, *, alpaca: tuple[Artifac
                 where.append(i)
         stats2 = {"worker_calls": 0, "load_s": 0.0, "generate_s": 0.0, "generated_tokens": 0}
         if msgs:
-            second, stats2 = run_requests(model, msgs, keys, quiet)
+            second, stats2 = run_requests(model, msgs, keys, quiet, progress)
             for i, r in zip(where, second):
                 answers[i].append(r)
         rows = pd.DataFrame({"question_id": qdf["question_id"], "category": qdf["category"],
@@ -330,6 +335,7 @@ def generate_benchmarks(model: ResolvedModel, work_dir, *, alpaca: tuple[Artifac
             extra={"metrics": metrics, "generation": config["generation"], "model": _model_info(model),
                    "questions": {"path": q_ref.path, "sha256": q_ref.sha256, "rows": len(qdf)},
                    "wall_s": time.perf_counter() - t0})
+    progress.close()
     return outs
 
 
@@ -356,7 +362,7 @@ def mt_bench_generate(model: ResolvedModel, questions_path: str | None, n_questi
 
 # -- judging --------------------------------------------------------------------------------------------------------
 def alpaca_annotate(outputs_ref: ArtifactRef, judge_cfg: Mapping[str, Any], work_dir,
-                    instruction_difficulty: str | None = None) -> ArtifactRef:
+                    instruction_difficulty: str | None = None, quiet: bool = False) -> ArtifactRef:
     """The judge's pairwise verdicts, model output vs reference, on AlpacaEval's scale (preference = 1 + P(model >
     reference)), and the leaderboard metrics (win rate, LC win rate, ...) in the manifest."""
     cfg = judge_options(judge_cfg, "alpaca_eval")
@@ -372,10 +378,10 @@ def alpaca_annotate(outputs_ref: ArtifactRef, judge_cfg: Mapping[str, Any], work
             return ref_from_dir(out)
         df = read_table(outputs_ref)
         triples = [(r.instruction, r.output, r.reference_output) for r in df.itertuples(index=False)]
-        if hasattr(judge, "compare_many"):  # the pairwise LLM judge sends every request at once
-            p_model = np.asarray(judge.compare_many(triples), dtype=float)
-        else:
-            p_model = np.array([judge.compare(*t) for t in triples], dtype=float)
+        # the pairwise LLM judge sends a slice's requests at once; other judges compare one pair at a time
+        compare = getattr(judge, "compare_many", None) or (lambda ts: [judge.compare(*t) for t in ts])
+        with Progress(len(triples), "alpaca_eval (judge)", "outputs", quiet=quiet) as progress:
+            p_model = judge_in_chunks(compare, triples, progress)
         no_verdict = int(getattr(judge, "no_verdict", 0))
     finally:
         judge.close()
@@ -394,7 +400,7 @@ def alpaca_annotate(outputs_ref: ArtifactRef, judge_cfg: Mapping[str, Any], work
 
 
 def mt_bench_judge(answers_ref: ArtifactRef, judge_cfg: Mapping[str, Any], reference_answers_path: str | None,
-                   judge_prompts_path: str | None, work_dir) -> ArtifactRef:
+                   judge_prompts_path: str | None, work_dir, quiet: bool = False) -> ArtifactRef:
     """Single-answer ratings per (question, turn), aggregated per turn / category / overall (invalid ratings
     counted), with the per-category chart next to the artifact."""
     ref_path = reference_answers_path or shared_mt_bench_file("reference_answer_gpt-4.jsonl")
@@ -422,7 +428,8 @@ def mt_bench_judge(answers_ref: ArtifactRef, judge_cfg: Mapping[str, Any], refer
                 items.append(Item(turns[t - 1], answers[t - 1], meta))
                 rows.append({"question_id": q.question_id, "category": q.category, "turn": t,
                              "template": mtb.judge_template_name(q.category, t), "reference_guided": guided})
-        ratings = np.asarray(judge.score(items), dtype=float)
+        with Progress(len(items), "mt_bench (judge)", "answers", quiet=quiet) as progress:
+            ratings = judge_in_chunks(judge.score, items, progress)
     finally:
         judge.close()
     table = pd.DataFrame(rows).assign(rating=ratings)

@@ -16,9 +16,10 @@ import numpy as np
 from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, write_table
 from pipeline_lib.config import EvaluateConfig
 from pipeline_lib.generation.sampling import SamplingSpec, render_chat, sample
-from pipeline_lib.judges.annotate import items_from_rows
+from pipeline_lib.judges.annotate import items_from_rows, judge_in_chunks
 from pipeline_lib.judges.base import build_judge
 from pipeline_lib.models import ResolvedModel
+from pipeline_lib.report.progress import Progress
 from pipeline_lib.stage import done, output_dir
 
 METRICS = ["pass_rate_strict", "instruction_pass_rate", "mean_score", "mean_tokens", "mean_chars"]
@@ -56,11 +57,13 @@ def evaluate_heldout(model: ResolvedModel, prompts: ArtifactRef, judge_cfg: Mapp
     _, ids = render_chat(tok, [[{"role": "user", "content": p}] for p in df["prompt"]])
     spec = SamplingSpec(n=1, temperature=cfg.temperature, top_p=1.0, max_tokens=cfg.max_tokens, seed=seed,
                         kv_cache_gib=kv_cache_gib, quiet=quiet)
-    gen, stats = sample(model.path, ids, spec)
+    with Progress(len(ids), "evaluate (generate)", "responses", quiet=quiet) as progress:
+        gen, stats = sample(model.path, ids, spec, progress)
     gen = gen.sort_values("prompt_index").reset_index(drop=True)
     df = df.reset_index(drop=True).assign(response=gen["response"], n_tokens=gen["n_tokens"])
     try:
-        df["score"] = np.asarray(judge.score(items_from_rows(df)), dtype=float)
+        with Progress(len(df), "evaluate (judge)", "responses", quiet=quiet) as progress:
+            df["score"] = judge_in_chunks(judge.score, items_from_rows(df), progress, group=lambda it: it.prompt)
     finally:
         judge.close()
     metrics = {**heldout_metrics(df), "tokens_per_s": stats["generated_tokens"] / max(stats["generate_s"], 1e-9)}

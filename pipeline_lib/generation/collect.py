@@ -16,6 +16,7 @@ from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, write_
 from pipeline_lib.config import CollectConfig
 from pipeline_lib.generation.sampling import SamplingSpec, render_chat, sample
 from pipeline_lib.models import ResolvedModel
+from pipeline_lib.report.progress import Progress
 from pipeline_lib.stage import done, output_dir
 
 
@@ -35,7 +36,8 @@ def collect(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, wor
                         seed=cfg.seed, kv_cache_gib=cfg.kv_cache_gib, quiet=quiet,
                         gpu_memory_utilization=cfg.gpu_memory_utilization,
                         tensor_parallel_size=cfg.tensor_parallel_size)
-    gen, stats = sample(policy.path, ids, spec)
+    with Progress(len(ids) * cfg.k, "collect", "samples", quiet=quiet) as progress:
+        gen, stats = sample(policy.path, ids, spec, progress)
     meta = df.reset_index(drop=True)
     rows = gen.merge(meta.assign(prompt_index=range(len(meta)), prompt_text=texts), on="prompt_index")
     rows = rows.sort_values(["prompt_index", "sample_index"]).reset_index(drop=True)

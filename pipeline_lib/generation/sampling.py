@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline_lib.report.progress import Progress, fmt_duration
+
 
 class GenerationError(RuntimeError):
     """The vLLM worker failed (transient: an engine that dies is retried by the task's policy)."""
@@ -40,8 +42,14 @@ def render_chat(tokenizer, messages_list: list[list[dict]]) -> tuple[list[str], 
     return texts, ids
 
 
-def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpec) -> tuple[pd.DataFrame, dict]:
-    """Sample ``spec.n`` completions per prompt with vLLM in a child process. Returns (rows, stats)."""
+def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpec,
+           progress: Progress | None = None) -> tuple[pd.DataFrame, dict]:
+    """Sample ``spec.n`` completions per prompt with vLLM in a child process. Returns (rows, stats).
+
+    ``progress`` counts rows (prompts x n) and is advanced only when the worker returns: the worker is one blocking
+    ``LLM.generate`` call, and splitting it would drain the engine's continuous batch at every split and (one engine
+    seed per call) could change the random numbers each request draws, so the count jumps by all rows at the end.
+    In between, vLLM's own bar (relayed from the worker unless quiet) shows the count, rate and ETA."""
     max_prompt = max(len(p) for p in prompt_token_ids)
     payload = {
         "model": model_path,
@@ -59,6 +67,8 @@ def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpe
         "quiet": spec.quiet,
         **spec.extra,
     }
+    if progress is not None:
+        progress.set(progress.done)  # the start line; the rate is then per second of worker time, engine load included
     with tempfile.TemporaryDirectory(prefix="alignflow-gen-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.parquet"
         spec_path.write_text(json.dumps(payload))
@@ -72,6 +82,9 @@ def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpe
             raise GenerationError(f"vLLM worker for {model_path} exited with {rc}:\n{tail}")
         df = pd.read_parquet(out_path)
         stats = json.loads((Path(str(out_path) + ".stats.json")).read_text())
+    if progress is not None:
+        progress.update(len(df), extra=f"{stats['generated_tokens'] / max(stats['generate_s'], 1e-9):.0f} tok/s, "
+                                       f"engine load {fmt_duration(stats['load_s'])}")
     return df, stats
 
 

@@ -117,17 +117,23 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def trainer_callback(self) -> Callable[[dict], None]:
-        """An ``on_log`` for ``pipeline_lib.training.train``: rows carry ``step``/``max_steps`` and TRL's logs."""
+    def trainer_callback(self, members: int = 1) -> Callable[[dict], None]:
+        """An ``on_log`` for ``pipeline_lib.training.train``: rows carry ``step``/``max_steps`` and TRL's logs.
+        ``members`` > 1 (BPO's LoRA ensemble): rows also carry ``ensemble_member`` i and each member counts its steps
+        from 1 again, so member i's step s is overall step i * max_steps + s of members * max_steps."""
 
         def on_log(row: dict) -> None:
+            member = int(row.get("ensemble_member", 0))
             if row.get("max_steps"):
-                self.total = int(row["max_steps"])
+                self.total = members * int(row["max_steps"])
             if "loss" not in row:
                 return
             margin = row.get("rewards/margins")
             extra = f"loss {row['loss']:.4f}" + (f" margin {margin:+.3f}" if margin is not None else "")
-            self.set(int(row.get("step", self.done)), extra)
+            if members > 1:
+                extra = f"member {member + 1}/{members} " + extra
+            step = member * (self.total // members) + int(row["step"]) if "step" in row else self.done
+            self.set(step, extra)
 
         return on_log
 
@@ -160,7 +166,8 @@ def _in_prefect_run() -> bool:
 def _create_artifact(p: Progress):
     from prefect.artifacts import create_progress_artifact
 
-    return create_progress_artifact(progress=100.0 * p.fraction, key=_artifact_key(p.label),
+    # A total of 0 here is "not known yet" (the trainer's comes with its first log), not "all done": start at 0 %.
+    return create_progress_artifact(progress=100.0 * p.fraction if p.total else 0.0, key=_artifact_key(p.label),
                                     description=f"{p.label}: {p.done}/{p.total} {p.unit}")
 
 

@@ -62,6 +62,56 @@ def test_progress_artifact_follows_the_count(prefect_api):
     assert a.description.startswith("Annotate (judge): 4/4 responses, ETA 0s")
 
 
+def test_annotate_stage_progress_artifact_ends_at_100(prefect_api, tmp_path):
+    """The annotate stage run inside a task of a real flow (quiet, as in CI): its progress artifact
+    ``annotate-progress`` ends at 100 % with all 4 responses counted."""
+    import pandas as pd
+
+    from pipeline_lib.artifacts import read_table, write_table
+    from pipeline_lib.judges.annotate import annotate
+    from pipeline_lib.prompts.sources import BuiltinPrompts
+    from pipeline_lib.prompts.stage import make_prompts
+
+    prompts = read_table(make_prompts(BuiltinPrompts(n_train=2), "train", 2, tmp_path))
+    gens = write_table(pd.concat([prompts.assign(response="yes."), prompts.assign(response="no, it was.")]),
+                       tmp_path / "generations", name="generations", producer="test")
+
+    @task
+    def annotate_stage() -> str:
+        return annotate(gens, {"kind": "rules"}, tmp_path / "work", quiet=True).path
+
+    @flow
+    def round_like() -> str:
+        return annotate_stage()
+
+    round_like()
+    (a,) = artifacts("annotate-progress")
+    assert a.type == "progress" and a.data == 100.0
+    assert a.description.startswith("annotate: 4/4 responses")
+
+
+def test_train_progress_starts_at_0_until_the_trainer_reports_its_total(prefect_api):
+    """The train stage's Progress starts with total 0 (unknown until the trainer's first log): the artifact is
+    created at 0 %, not 100 %, and the trainer's rows take it to 100 % at max_steps."""
+
+    @task
+    def train_like() -> float:
+        with Progress(0, "train", "steps", quiet=True) as p:
+            (created,) = artifacts("train-progress")
+            on_log = p.trainer_callback()
+            for step in (1, 2):
+                on_log({"step": step, "max_steps": 2, "loss": 0.69})
+        return created.data
+
+    @flow
+    def round_like() -> float:
+        return train_like()
+
+    assert round_like() == 0.0
+    (a,) = artifacts("train-progress")
+    assert a.data == 100.0 and a.description.startswith("train: 2/2 steps")
+
+
 def test_round_charts_markdown_artifact(prefect_api, tmp_path):
     from pipeline_lib.report.publish import log_round_charts
 

@@ -86,6 +86,20 @@ def test_trainer_callback_takes_total_and_step_from_the_rows():
     assert lines[1] == "[train] 3/12 steps (25%) | 0.50 steps/s | ETA 18s | loss 0.5000 margin +0.250"
 
 
+def test_trainer_callback_counts_ensemble_members_one_after_the_other():
+    """BPO's ensemble of 2 members of 4 steps: each member logs steps 1..4 again; member 1's step 2 is overall
+    step 4 + 2 = 6 of 8. Steps 1 (t=0) .. 6 (t=5): rate (6 - 1) / 5 = 1 step/s, ETA (8 - 6) / 1 = 2 s."""
+    clock, out = Clock(), io.StringIO()
+    p = Progress(0, "train", "steps", stream=out, every_s=0.0, clock=clock)
+    on_log = p.trainer_callback(members=2)
+    for t, (member, step) in enumerate([(0, 1), (0, 2), (0, 3), (0, 4), (1, 1), (1, 2)]):
+        clock.t = float(t)
+        on_log({"step": step, "max_steps": 4, "loss": 0.5, "ensemble_member": member})
+    lines = out.getvalue().splitlines()
+    assert p.total == 8 and [ln.split(" ")[1] for ln in lines] == ["1/8", "2/8", "3/8", "4/8", "5/8", "6/8"]
+    assert lines[-1] == "[train] 6/8 steps (75%) | 1.00 steps/s | ETA 2s | member 2/2 loss 0.5000"
+
+
 def test_durations_and_keys():
     assert fmt_duration(9.6) == "10s" and fmt_duration(75) == "1m15s" and fmt_duration(3725) == "1h02m"
     assert fmt_duration(float("nan")) == "?" and fmt_duration(float("inf")) == "?"
