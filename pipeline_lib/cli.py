@@ -12,18 +12,38 @@ import importlib
 import os
 import sys
 
-# Modules that register subcommands, in help order.
+# Modules that register subcommands, in help order: align, evaluate, inspect.
 SUBCOMMANDS = [
     "pipeline_lib.commands.run",
-    "pipeline_lib.commands.serve",
-    "pipeline_lib.commands.lineage",
     "pipeline_lib.commands.campaign",
+    "pipeline_lib.commands.serve",
+    "pipeline_lib.commands.evaluate",
     "pipeline_lib.judges.rules.cli",
     "pipeline_lib.evaluation.cli",
-    "pipeline_lib.commands.evaluate",
+    "pipeline_lib.commands.lineage",
     "pipeline_lib.commands.report",
     "pipeline_lib.commands.ui",
 ]
+
+EPILOG = """\
+commands by task:
+  align       run (one round), campaign (N rounds), serve (scheduled rounds, typed forms in the Prefect UI)
+  evaluate    evaluate (AlpacaEval 2 + MT-Bench for a model); ifeval, alpaca-eval, mt-bench (score files)
+  inspect     lineage (where a model came from), report (HTML page), ui (Prefect + MLflow UIs)
+
+examples:
+{examples}
+
+'alignflow COMMAND --help' for a command's options; docs/operations.md, docs/methods.md for more.
+"""
+EXAMPLES = [
+    ("alignflow run --config configs/default.yaml train.beta=0.2", "one round on the embedded model"),
+    ("alignflow run --config configs/smoke.yaml --quiet", "tiny model, every stage, ~2 min"),
+    ("alignflow campaign --config configs/campaign_smoke.yaml", "rounds chained through checkpoints"),
+    ("alignflow lineage models:/alignflow-policy@champion", "the champion's chain with digests"),
+    ("alignflow report <campaign | MLflow run id> --out report/", "tables, pictures, lineage, config"),
+]
+EPILOG = EPILOG.format(examples="\n".join(f"  {cmd:<60} {what}" for cmd, what in EXAMPLES))
 
 
 from pipeline_lib.errors import UserError  # noqa: E402,F401  (re-exported: subcommands raise cli.UserError)
@@ -33,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignflow",
         description="Align language models to preferences, round after round (collect, annotate, pair, train, evaluate).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

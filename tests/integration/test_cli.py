@@ -32,4 +32,11 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
-    assert "run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # every registered subcommand is listed, and the task groups name each of them
+    import re
+
+    listed = re.findall(r"^    ([a-z][a-z-]+)", out, flags=re.M)
+    assert listed[:3] == ["run", "campaign", "serve"]
+    groups = out.split("commands by task:")[1].split("examples:")[0]
+    assert all(name in groups for name in listed), (listed, groups)
