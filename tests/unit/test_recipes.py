@@ -135,17 +135,20 @@ RECIPES = {
     # clamped at 1 with sampled alignment (run_wpo.py); K=5 on-policy samples (data set card).
     "configs/recipes/wpo_llama3_8b.yaml": dict(
         rounds=1, k=5, judge="reward_model", loss="dpo", weighting="wpo", clamp=True, alignment="sampled",
-        reference="initial", optimizer="adamw", beta=0.01, lr=1e-6, epochs=2, global_batch=2 * 8 * 8),
+        reference="initial", optimizer="adamw", beta=0.01, lr=1e-6, epochs=2, global_batch=2 * 8 * 8,
+        data_mode="hybrid"),
     # xu1998hz/BPO run.sh: F = 2 phases, 2 samples per prompt, lr 5e-5, 1 epoch, batch 1 x acc_steps 16 = 16,
-    # 10000 prompts over 2 phases = 5000 per phase; reference = the behavior LLM.
+    # 10000 prompts over 2 phases = 5000 per phase; reference = the behavior LLM; num_lora=5 adapters of rank 256,
+    # alpha 512 (train/sft_train.py).
     "configs/recipes/bpo_2b.yaml": dict(
         rounds=2, k=2, judge="reward_model", loss="dpo", reference="behavior", optimizer="adamw", beta=0.1,
-        lr=5e-5, epochs=1, global_batch=1 * 16 * 1, n_train=10000 // 2),
+        lr=5e-5, epochs=1, global_batch=1 * 16 * 1, n_train=10000 // 2, ensemble=5, lora_r=256, lora_alpha=512),
     # SAIL code: DPR (SAIL-PR) gamma 0.3, beta 0.1, RMSprop, lr 1e-5, 5 epochs (5 rounds of 1), 2 samples per
-    # prompt, global batch 4 x 2 x 4 GPUs = 32.
+    # prompt, global batch 4 x 2 x 4 GPUs = 32; LoRA rank 64, alpha 16 (pipelines/sft.py).
     "configs/recipes/sail_qwen05b.yaml": dict(
         rounds=5, k=2, judge="reward_model", loss="sail", self_label_prob=0.0, score_coef=0.3,
-        reference="initial", optimizer="rmsprop", beta=0.1, lr=1e-5, epochs=1, global_batch=4 * 2 * 4),
+        reference="initial", optimizer="rmsprop", beta=0.1, lr=1e-5, epochs=1, global_batch=4 * 2 * 4, lora_r=64,
+        lora_alpha=16),
 }
 
 
@@ -159,7 +162,8 @@ def test_recipe_matches_its_sources(rel):
                loss=m.loss, pairs=m.pairs, weighting=m.weighting, clamp=m.wpo.clamp, alignment=m.wpo.alignment,
                reference=m.reference, optimizer=m.optimizer, beta=t.beta, eta=1 / t.beta, lr=t.learning_rate,
                epochs=t.epochs, global_batch=t.batch_size * t.grad_accum, n_train=rc.prompts.n_train,
-               self_label_prob=m.sail.self_label_prob, score_coef=m.sail.score_coef)
+               self_label_prob=m.sail.self_label_prob, score_coef=m.sail.score_coef, ensemble=t.ensemble,
+               lora_r=t.lora_r, lora_alpha=t.lora_alpha, data_mode=rc.data.mode)
     for key, value in want.items():
         assert got[key] == pytest.approx(value), f"{rel}: {key} = {got[key]!r}, source says {value!r}"
 
