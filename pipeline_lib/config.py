@@ -90,6 +90,11 @@ class TrainConfig(Section):
     ensemble: int = Field(1, ge=1, description="BPO: train N LoRA adapters (seeds seed..seed+N-1) on the same pairs "
                                                "and average their merged weights into the next policy")
     seed: int = 0
+    num_processes: int = Field(1, ge=1, description="data-parallel training processes, one per GPU (on CPU: gloo "
+                                                    "processes); >1 launches the trainer with torchrun; the batch "
+                                                    "per step is batch_size x grad_accum x num_processes")
+    deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config (ZeRO-1/2, e.g. "
+                                                    "configs/deepspeed/zero2.json) for the trainer; needs a GPU")
 
     @model_validator(mode="after")
     def _ensemble_needs_lora(self) -> "TrainConfig":
@@ -99,6 +104,12 @@ class TrainConfig(Section):
         return self
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps for resume (0: only at the end)")
+
+    def content_fingerprint(self) -> str | None:
+        """For task cache keys: ``deepspeed`` says where the DeepSpeed config is, this says what it is."""
+        from pipeline_lib.prompts.validate import content_fingerprint
+
+        return content_fingerprint(self.deepspeed)
 
 
 class EvaluateConfig(Section):

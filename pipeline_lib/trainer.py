@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -155,6 +157,18 @@ class AlignTrainer(DPOTrainer):
                 if bad:
                     raise ValueError(f"{name} dataset: column {col!r} is missing or not finite at rows {bad[:5]}")
             return dataset
+        if self.accelerator.num_processes > 1 and not dataset.cache_files:
+            # TRL's pass gathers the columns on every rank, but only rank 0 writes them, to a cache file beside the
+            # dataset's own, which all ranks then read. An in-memory dataset (ours) has no such home: its cache file
+            # would land in a per-process temp directory, unreadable by the other ranks. Give it one they share.
+            from datasets import load_from_disk
+
+            home = Path(self.args.output_dir) / f"ref-logps-{name}"
+            if self.accelerator.is_main_process:
+                shutil.rmtree(home, ignore_errors=True)
+                dataset.save_to_disk(str(home))
+            self.accelerator.wait_for_everyone()
+            dataset = load_from_disk(str(home))
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
     # -- log-probs --------------------------------------------------------------------------------------------------

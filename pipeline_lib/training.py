@@ -3,21 +3,27 @@
 The stage owns data plumbing and checkpoints; the loss maths lives in TRL (and, for the paper methods, in
 ``losses.py``). Resumable: intermediate checkpoints go to a work directory named by the stage key, so a re-run
 after a crash continues from the last one; the final model is written atomically as a model artifact.
+
+One training core, ``fit``, runs either in this process (``train.num_processes: 1``) or in each of the data-parallel
+processes that ``train_worker.launch`` starts with torchrun (``num_processes > 1`` or ``train.deepspeed``); there,
+rank 0 writes the artifact and this process reads it back.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, ref_from_dir, write_model
+from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, ref_from_dir, sha256_file, write_model
 from pipeline_lib.config import TrainConfig
 from pipeline_lib.losses import LOSSES, MethodConfig
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.stage import done, output_dir
+from pipeline_lib.train_worker import launch
 
 
 def pairs_dataset(pairs_df, method: MethodConfig):
@@ -77,14 +83,17 @@ def dpo_args(cfg: TrainConfig, work: Path, n_pairs: int):
         gradient_checkpointing=cfg.gradient_checkpointing,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # several CPU processes (torchrun without GPUs) talk over gloo; NCCL, the GPU default, needs CUDA
+        ddp_backend="gloo" if cfg.num_processes > 1 and not torch.cuda.is_available() else None,
+        deepspeed=cfg.deepspeed,
     )
 
 
 def _total_steps(cfg: TrainConfig, n_pairs: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_step = cfg.batch_size * cfg.grad_accum
-    return max(1, math.ceil(math.ceil(n_pairs / cfg.batch_size) / cfg.grad_accum * cfg.epochs)) if per_step else 1
+    batches = math.ceil(n_pairs / (cfg.batch_size * cfg.num_processes))  # per process: the data is split N ways
+    return max(1, math.ceil(batches / cfg.grad_accum * cfg.epochs))
 
 
 def train(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: MethodConfig,
@@ -92,17 +101,65 @@ def train(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: M
           on_log: Callable[[dict], None] | None = None, quiet: bool = False) -> ArtifactRef:
     """Train ``policy`` on ``pairs``. The reference log-probs come from ``reference`` (default: the policy itself,
     which in a round is also the behavior policy that sampled the pairs) in one no-grad pass before training.
-    With ``cfg.ensemble = N > 1`` (BPO), N LoRA members are trained and averaged (see ``_train_ensemble``)."""
+    With ``cfg.ensemble = N > 1`` (BPO), N LoRA members are trained and averaged (see ``_train_ensemble``). With
+    ``cfg.num_processes > 1`` or ``cfg.deepspeed``, ``fit`` runs in a torchrun process group (``train_worker``), whose
+    rank 0's log rows reach ``on_log``; ``callbacks`` then cannot be used."""
     reference = reference or policy
     config = {**cfg.model_dump(), "method": method.model_dump()}
     inputs = {"policy": policy.sha256, "pairs": pairs.sha256, "reference": reference.sha256}
+    if cfg.deepspeed:  # the file's content (ZeRO stage, clipping, precision) shapes the result: key it, not the path
+        inputs["deepspeed"] = _check_deepspeed(cfg.deepspeed)
     out = output_dir(work_dir, "train", inputs, config)
     if done(out):
         return ref_from_dir(out)
     if cfg.ensemble > 1:
         return _train_ensemble(policy, pairs, cfg, method, work_dir, reference, callbacks, on_log, quiet, out,
                                inputs, config)
-    work = out.parent / f"{out.name}.work"  # stable across re-runs: holds resumable checkpoints
+    if cfg.num_processes == 1 and not cfg.deepspeed:
+        return fit(policy, pairs, cfg, method, reference, out, inputs, config, callbacks, on_log, quiet)
+    if callbacks:
+        raise ValueError(f"train.num_processes={cfg.num_processes}: trainer callbacks run inside the trainer's "
+                         "processes and cannot be sent there; use on_log (rank 0's log rows are relayed)")
+    spec = {"policy": vars(policy), "reference": vars(reference), "pairs": pairs.model_dump(),
+            "train": cfg.model_dump(),
+            # exclude_unset: MethodConfig rejects option sections set explicitly for a loss that ignores them
+            "method": method.model_dump(exclude_unset=True),
+            "out": str(out), "inputs": inputs, "config": config, "quiet": quiet}
+    launch(spec, cfg.num_processes, _work_dir(out), on_log, quiet)
+    return ref_from_dir(out)  # written by rank 0
+
+
+def _work_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.work"  # stable across re-runs: holds resumable checkpoints
+
+
+def _check_deepspeed(path: str) -> str:
+    """Fail before any process starts on what DeepSpeed would reject later or get wrong; returns the file's sha256."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"train.deepspeed={path}: no such file (a DeepSpeed JSON config, e.g. "
+                                "configs/deepspeed/zero2.json)")
+    try:
+        stage = (json.loads(p.read_text()).get("zero_optimization") or {}).get("stage", 0)
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"train.deepspeed={path}: not a JSON object: {e}") from None
+    if stage == 3:  # rank 0 saves the final weights from its own copy; ZeRO-3 leaves each rank only a shard
+        raise ValueError(f"train.deepspeed={path}: ZeRO stage 3 is not supported (the final save needs the full "
+                         "weights on rank 0); use stage 1 or 2")
+    if not torch.cuda.is_available():
+        raise ValueError(f"train.deepspeed={path}: DeepSpeed needs a GPU and none is visible; unset train.deepspeed "
+                         "(train.num_processes > 1 alone trains with gloo processes on CPU)")
+    return sha256_file(p)
+
+
+def fit(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: MethodConfig, reference: ResolvedModel,
+        out: Path, inputs: dict, config: dict, callbacks: list | None = None,
+        on_log: Callable[[dict], None] | None = None, quiet: bool = False) -> ArtifactRef | None:
+    """The training core: one TRL run writing the model artifact ``out``. In a torchrun process group every rank
+    calls it; rank 0 writes the artifact and relays its log rows to ``on_log``, the others return None."""
+    work = _work_dir(out)
     work.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -124,7 +181,7 @@ def train(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: M
 
     class _Relay(TrainerCallback):
         def on_log(self, a, state, control, logs=None, **kw):
-            if on_log and logs:
+            if on_log and logs and state.is_world_process_zero:  # every rank logs the same (gathered) rows
                 on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
 
     ref_model = None
@@ -147,6 +204,8 @@ def train(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: M
     setup_s = t0 - t_setup
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(work))
     train_s = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():
+        return None
     log = [dict(r) for r in trainer.state.log_history]
     n_tokens = _count_tokens(trainer.train_dataset) * args.num_train_epochs if cfg.max_steps <= 0 else None
 

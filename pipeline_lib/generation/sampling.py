@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline_lib.child_process import child_env, die_with_parent
 from pipeline_lib.report.progress import Progress, fmt_duration
 
 
@@ -74,7 +74,7 @@ def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpe
         spec_path.write_text(json.dumps(payload))
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline_lib.generation.vllm_worker", str(spec_path), str(out_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(), preexec_fn=_die_with_parent,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(), preexec_fn=die_with_parent,
         )
         tail = _relay(proc.stdout, echo=not spec.quiet)
         rc = proc.wait()
@@ -98,21 +98,3 @@ def _relay(stream, echo: bool, keep: int = 4000) -> str:
             sys.stderr.flush()
         tail = (tail + chunk)[-keep:]
     return tail.decode(errors="replace")
-
-
-def _die_with_parent() -> None:
-    """Linux: the worker gets SIGKILL when its parent dies (kill -9 of a round must not leave an engine running)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass
-
-
-def _child_env() -> dict:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env

@@ -21,6 +21,7 @@ def test_overrides_are_typed_and_dotted():
     ("train.beta=abc", "train.beta"),
     ("train.beta=-1", "train.beta"),
     ("collect.k=1", "collect.k"),
+    ("train.num_processes=0", "train.num_processes"),
     ("judge.kind=nope", "unknown judge 'nope'"),
     ("nosuch.section=1", "nosuch: unknown key"),
 ])

@@ -1,0 +1,143 @@
+"""Multi-process training: the train stage's trainer as a torchrun process group (data parallel, optionally DeepSpeed).
+
+Why child processes: DDP and DeepSpeed need one process per device, each started with its rank in the environment
+(what ``torchrun`` / ``accelerate launch`` do); the stage runs inside a Prefect task process, which cannot become
+N processes. So the stage writes a spec and runs ``python -m torch.distributed.run --standalone --nproc_per_node N
+-m pipeline_lib.train_worker SPEC.json``; every rank calls the same core as the in-process path
+(``training.fit``), rank 0 writes the model artifact, the parent waits and reads it.
+
+Protocol (both sides live here):
+- SPEC.json: policy and reference (ref, path, sha256), the pairs artifact, the train and method configs, the output
+  artifact directory with its inputs and config (computed once, by the parent), quiet, the parent's pid.
+- stdout: rank 0 writes each trainer log row as one line ``MARKER {"log": row}``; a failing rank writes
+  ``MARKER {"error": "...", "rank": r}`` before it exits. Everything else (all ranks' stdout and stderr, torchrun's
+  own) is echoed to the parent's stderr unless quiet, and its tail is kept for the error message.
+- Death: torchrun gets SIGKILL when the parent dies (PR_SET_PDEATHSIG), and each worker when torchrun dies — torchrun
+  starts its workers in sessions of their own, so a kill of torchrun alone would not reach them.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from pipeline_lib.child_process import child_env, die_with_parent
+
+MARKER = "@@alignflow-train "
+
+
+class TrainWorkerError(RuntimeError):
+    """A training process failed (retried like a vLLM worker that died: an OOM or a lost peer may pass)."""
+
+
+# -- parent side ----------------------------------------------------------------------------------------------------
+def launch(spec: dict, nproc: int, work: Path, on_log: Callable[[dict], None] | None, quiet: bool) -> None:
+    """Run ``nproc`` training processes on ``spec``; returns when all exited 0, else raises TrainWorkerError with the
+    failing rank's error and the tail of the output. Log rows from rank 0 go to ``on_log`` as they come."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec_path = work / "launch-spec.json"  # beside the checkpoints: the work dir is the run's scratch space
+    spec_path.write_text(json.dumps({**spec, "parent_pid": os.getpid()}))
+    env = child_env()
+    # torchrun would set 1 thread per process; on CPU (gloo) share the cores instead
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env["PYTHONUNBUFFERED"] = "1"  # log rows and tracebacks arrive as they happen
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "pipeline_lib.train_worker", str(spec_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, preexec_fn=die_with_parent)
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    errors: dict[str, list] = {}  # message -> the ranks that reported it (often all, after one peer failed)
+    try:
+        for raw in proc.stdout:
+            text, found, payload = raw.decode(errors="replace").partition(MARKER)
+            msg = _parse(payload) if found else None
+            if msg is None:  # plain output (a marker line that does not parse is shown as it is)
+                text = text + found + payload
+            if text.strip():
+                tail.append(text if text.endswith("\n") else text + "\n")
+                if not quiet:
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+            if msg and "error" in msg:
+                errors.setdefault(str(msg["error"]), []).append(msg.get("rank"))
+            elif msg and "log" in msg and on_log:
+                on_log(msg["log"])
+        rc = proc.wait()
+    except BaseException:  # on_log failed, or this process is being interrupted: take the group down with us
+        _stop(proc)
+        raise
+    if rc != 0:
+        reported = "; ".join(f"{err} (rank{'s' * (len(ranks) > 1)} {', '.join(map(str, sorted(ranks)))})"
+                             for err, ranks in errors.items())
+        raise TrainWorkerError(f"training with {nproc} process(es) failed (torchrun exit {rc}): "
+                               f"{reported or 'no worker reported an error (see the output)'}\n"
+                               f"--- last output ---\n{''.join(tail)[-6000:]}")
+
+
+def _parse(payload: str) -> dict | None:
+    try:
+        msg = json.loads(payload)
+    except ValueError:
+        return None
+    return msg if isinstance(msg, dict) else None
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()  # torchrun passes SIGTERM on to its workers
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # the workers follow through their death signal
+        proc.wait()
+
+
+# -- child side (one per rank) --------------------------------------------------------------------------------------
+def _emit(msg: dict) -> None:
+    line = MARKER + json.dumps(msg, default=lambda o: float(o) if hasattr(o, "__float__") else str(o)) + "\n"
+    sys.stdout.write(line)  # one write of a whole line: ranks' output never splits it in the pipe
+    sys.stdout.flush()
+
+
+def main(argv: list[str]) -> int:
+    die_with_parent()
+    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        os.kill(spec["parent_pid"], 0)
+    except ProcessLookupError:  # the stage died before the death signal was armed: nobody waits for this run
+        return 1
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        from pipeline_lib.artifacts import ArtifactRef
+        from pipeline_lib.config import TrainConfig
+        from pipeline_lib.losses import MethodConfig
+        from pipeline_lib.models import ResolvedModel
+        from pipeline_lib.training import fit
+
+        fit(ResolvedModel(**spec["policy"]), ArtifactRef(**spec["pairs"]), TrainConfig(**spec["train"]),
+            MethodConfig(**spec["method"]), ResolvedModel(**spec["reference"]), Path(spec["out"]), spec["inputs"],
+            spec["config"], on_log=lambda row: _emit({"log": row}), quiet=spec["quiet"])
+        _close_group()
+    except BaseException as e:
+        _emit({"error": f"{type(e).__name__}: {e}", "rank": rank})
+        raise
+    return 0
+
+
+def _close_group() -> None:
+    """All ranks wait for rank 0's artifact, then close the process group: a gloo group left to the interpreter's
+    exit can abort a rank that finished early ("terminate called without an active exception", SIGABRT: seen here in
+    about 1 of 10 runs), which fails the whole run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
