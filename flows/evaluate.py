@@ -59,7 +59,7 @@ def evaluate_model(model_ref: str, benchmarks: list[bm.Benchmark] | None = None,
     model = resolve_model_task(model_ref)
     judge_id = {b: build_judge(c).identity() for b, c in judge_cfgs.items()}
     key = sha256_json({"model": model.sha256, "benchmarks": benchmarks, "judge": judge_id,
-                       "config": config.model_dump(exclude={"run", "judge"})})[:20]
+                       "config": config.model_dump(exclude={"run", "judge", "tensor_parallel_size"})})[:20]
     parent = lineage.start_round(key, f"evaluate {model.ref}", {**config.model_dump(exclude={"judge"}),
                                                                "judge": judge_id, "benchmarks": benchmarks},
                                  tags={"prefect.flow_run_id": _flow_run_id(), "alignflow.model": model.ref,
@@ -72,7 +72,7 @@ def evaluate_model(model_ref: str, benchmarks: list[bm.Benchmark] | None = None,
     a_cfg = config.alpaca_eval if "alpaca_eval" in benchmarks else None
     m_cfg = config.mt_bench if "mt_bench" in benchmarks else None
     data = data_t(a_cfg, m_cfg, _data_fingerprint(config, benchmarks), ctx)
-    outputs = gen_t(model, data, config.alpaca_eval, config.mt_bench, ctx)
+    outputs = gen_t(model, data, config.alpaca_eval, config.mt_bench, ctx, config.tensor_parallel_size)
     summary: dict[str, Any] = {"model": model.ref, "model_sha256": model.sha256, "mlflow_run_id": parent,
                                "benchmarks": {}}
     parent_metrics: dict[str, float] = {}

@@ -123,9 +123,12 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     # The champion: the registry's current one, or (first round) the policy this round started from.
     champion, champion_version = _champion(lineage, config, policy, parent)
     m_before = m_after = {k: float("nan") for k in REPORT_METRICS}
-    if config.evaluate.enabled:
-        before = evaluate_t(champion, heldout, config.judge, config.evaluate, ctx, role="champion")
-        after = evaluate_t(candidate, heldout, config.judge, config.evaluate, ctx, role="candidate")
+    if config.evaluate.enabled:  # on as many GPUs as the policy needs to sample (collect.tensor_parallel_size)
+        tp = config.collect.tensor_parallel_size
+        before = evaluate_t(champion, heldout, config.judge, config.evaluate, ctx, role="champion",
+                            tensor_parallel_size=tp)
+        after = evaluate_t(candidate, heldout, config.judge, config.evaluate, ctx, role="candidate",
+                           tensor_parallel_size=tp)
         m_before, m_after = read_manifest(before.path)["metrics"], read_manifest(after.path)["metrics"]
 
     version = lineage.register_checkpoint(parent, checkpoint, config.run.registered_model, "candidate",

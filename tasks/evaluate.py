@@ -33,7 +33,7 @@ def benchmark_data_task(a: bm.AlpacaEvalConfig | None, m: bm.MTBenchConfig | Non
 
 @task(**task_options("benchmark-generate", gpu=True))
 def generate_task(model: ResolvedModel, data: dict[str, ArtifactRef], a: bm.AlpacaEvalConfig, m: bm.MTBenchConfig,
-                  ctx: RoundContext) -> dict[str, ArtifactRef]:
+                  ctx: RoundContext, tensor_parallel_size: int = 1) -> dict[str, ArtifactRef]:
     """The model's AlpacaEval outputs and MT-Bench answers (for the benchmarks in ``data``); AlpacaEval and MT-Bench
     turn 1 share worker calls. One child run per benchmark."""
     with gpu_slot(ctx.gpu_limit):
@@ -41,7 +41,7 @@ def generate_task(model: ResolvedModel, data: dict[str, ArtifactRef], a: bm.Alpa
             model, ctx.work_dir,
             alpaca=(data["alpaca_eval"], a.generation) if "alpaca_eval" in data else None,
             mt_bench=(data["mt_bench"], m.max_tokens, m.seed, m.kv_cache_gib) if "mt_bench" in data else None,
-            quiet=ctx.quiet)
+            quiet=ctx.quiet, tensor_parallel_size=tensor_parallel_size)
     for bench, ref in refs.items():
         man = read_manifest(ref.path)
         ctx.record(f"{bench}-generate", {"model": model, "eval_data": data[bench]}, {"outputs": ref},

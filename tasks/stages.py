@@ -110,10 +110,11 @@ def train_task(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, meth
 
 @task(**task_options("evaluate", gpu=True))
 def evaluate_task(model: ResolvedModel, prompts: ArtifactRef, judge: dict[str, Any], cfg: EvaluateConfig,
-                  ctx: RoundContext, role: str = "policy") -> ArtifactRef:
+                  ctx: RoundContext, role: str = "policy", tensor_parallel_size: int = 1) -> ArtifactRef:
     """Greedy responses on held-out prompts, judged; metrics in the artifact's manifest."""
     with gpu_slot(ctx.gpu_limit):
-        ref = evaluate_heldout(model, prompts, judge, cfg, ctx.work_dir, quiet=ctx.quiet)
+        ref = evaluate_heldout(model, prompts, judge, cfg, ctx.work_dir, quiet=ctx.quiet,
+                               tensor_parallel_size=tensor_parallel_size)
     ctx.record(f"evaluate-{role}", {"model": model, "prompts": prompts}, {"evaluation": ref},
                {**cfg.model_dump(), "role": role})
     return ref

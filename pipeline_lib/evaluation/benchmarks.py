@@ -100,6 +100,8 @@ class EvaluateModelConfig(Section):
     benchmarks: list[Benchmark] = Field(default_factory=lambda: list(BENCHMARKS))
     judge: dict[str, Any] = Field(default_factory=dict, description="the LLM judge (kind: llm); the protocol is "
                                                                     "set per benchmark")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs vLLM shards the evaluated model over (as the "
+                                                           "round's collect.tensor_parallel_size; gpu_count >= it)")
     alpaca_eval: AlpacaEvalConfig = AlpacaEvalConfig()
     mt_bench: MTBenchConfig = MTBenchConfig()
     run: RunConfig = RunConfig(experiment="alignflow-evaluate")
@@ -148,7 +150,8 @@ class SamplingKey:
 
 
 def run_requests(model: ResolvedModel, messages: Sequence[list[dict]], keys: Sequence[SamplingKey],
-                 quiet: bool = False, progress: Progress | None = None) -> tuple[list[dict], dict]:
+                 quiet: bool = False, progress: Progress | None = None,
+                 tensor_parallel_size: int = 1) -> tuple[list[dict], dict]:
     """One output per chat, by vLLM in a child process: one ``sample()`` call per distinct sampling key (each
     advances ``progress`` by its requests when it returns). Returns (per request: response, n_tokens,
     finish_reason), stats summed over the calls (``worker_calls`` included)."""
@@ -164,7 +167,8 @@ def run_requests(model: ResolvedModel, messages: Sequence[list[dict]], keys: Seq
         where = [i for i, k in enumerate(keys) if k == key]
         greedy = key.temperature < GREEDY_BELOW
         spec = SamplingSpec(n=1, temperature=0.0 if greedy else key.temperature, top_p=1.0 if greedy else key.top_p,
-                            max_tokens=key.max_tokens, seed=key.seed, kv_cache_gib=key.kv_cache_gib, quiet=quiet)
+                            max_tokens=key.max_tokens, seed=key.seed, kv_cache_gib=key.kv_cache_gib,
+                            tensor_parallel_size=tensor_parallel_size, quiet=quiet)
         df, st = sample(model.path, [ids[i] for i in where], spec, progress)
         df = df.sort_values("prompt_index").reset_index(drop=True)
         for row in df.itertuples(index=False):
@@ -233,12 +237,13 @@ def _mt_config(max_tokens: int, seed: int, kv: float) -> dict:
 
 def generate_benchmarks(model: ResolvedModel, work_dir, *, alpaca: tuple[ArtifactRef, GenerationConfig] | None = None,
                         mt_bench: tuple[ArtifactRef, int, int, float] | None = None,
-                        quiet: bool = False) -> dict[str, ArtifactRef]:
+                        quiet: bool = False, tensor_parallel_size: int = 1) -> dict[str, ArtifactRef]:
     """Outputs of ``model`` for the AlpacaEval set (``alpaca``: eval-set artifact, generation config) and/or the
     MT-Bench questions (``mt_bench``: questions artifact, max_tokens, seed, kv_cache_gib). AlpacaEval and MT-Bench
     turn 1 share the worker calls of equal sampling parameters; turn 2 follows (it needs turn 1's answers). Each
     benchmark's artifact is keyed by its own inputs and config only, so a benchmark's cached output is found again
-    whether it was generated alone or together."""
+    whether it was generated alone or together. ``tensor_parallel_size``: GPUs vLLM shards the model over (how the
+    engine runs, not what is generated: not part of the keys)."""
     outs: dict[str, ArtifactRef] = {}
     plan: dict[str, Any] = {}
     if alpaca is not None:
@@ -277,7 +282,7 @@ def generate_benchmarks(model: ResolvedModel, work_dir, *, alpaca: tuple[Artifac
     t0 = time.perf_counter()
     n_turn2 = sum(len(q.turns) > 1 for q in plan["mt_bench"][1].itertuples()) if "mt_bench" in plan else 0
     progress = Progress(len(msgs) + n_turn2, "benchmarks (generate)", "responses", quiet=quiet)
-    first, stats1 = run_requests(model, msgs, keys, quiet, progress)
+    first, stats1 = run_requests(model, msgs, keys, quiet, progress, tensor_parallel_size)
     shared_calls = stats1["worker_calls"]
     results: dict[str, dict[int, dict]] = {"alpaca_eval": {}, "mt_bench": {}}
     for (bench, i), r in zip(owner, first):
@@ -315,7 +320,7 @@ def generate_benchmarks(model: ResolvedModel, work_dir, *, alpaca: tuple[Artifac
                 where.append(i)
         stats2 = {"worker_calls": 0, "load_s": 0.0, "generate_s": 0.0, "generated_tokens": 0}
         if msgs:
-            second, stats2 = run_requests(model, msgs, keys, quiet, progress)
+            second, stats2 = run_requests(model, msgs, keys, quiet, progress, tensor_parallel_size)
             for i, r in zip(where, second):
                 answers[i].append(r)
         rows = pd.DataFrame({"question_id": qdf["question_id"], "category": qdf["category"],

@@ -43,7 +43,11 @@ def heldout_metrics(df) -> dict[str, float]:
 
 
 def evaluate_heldout(model: ResolvedModel, prompts: ArtifactRef, judge_cfg: Mapping[str, Any], cfg: EvaluateConfig,
-                     work_dir: str | Path, seed: int = 0, kv_cache_gib: float = 1.0, quiet: bool = False) -> ArtifactRef:
+                     work_dir: str | Path, seed: int = 0, kv_cache_gib: float = 1.0, quiet: bool = False,
+                     tensor_parallel_size: int = 1) -> ArtifactRef:
+    """``tensor_parallel_size``: GPUs vLLM shards the model over (a round passes ``collect.tensor_parallel_size``:
+    a policy that needs K GPUs to sample needs them to be evaluated). Like ``kv_cache_gib`` it says how the engine
+    runs, not what is evaluated, so it is not part of the artifact's key."""
     from transformers import AutoTokenizer
 
     judge = build_judge(judge_cfg)
@@ -56,7 +60,7 @@ def evaluate_heldout(model: ResolvedModel, prompts: ArtifactRef, judge_cfg: Mapp
     tok = AutoTokenizer.from_pretrained(model.path)
     _, ids = render_chat(tok, [[{"role": "user", "content": p}] for p in df["prompt"]])
     spec = SamplingSpec(n=1, temperature=cfg.temperature, top_p=1.0, max_tokens=cfg.max_tokens, seed=seed,
-                        kv_cache_gib=kv_cache_gib, quiet=quiet)
+                        kv_cache_gib=kv_cache_gib, tensor_parallel_size=tensor_parallel_size, quiet=quiet)
     with Progress(len(ids), "evaluate (generate)", "responses", quiet=quiet) as progress:
         gen, stats = sample(model.path, ids, spec, progress)
     gen = gen.sort_values("prompt_index").reset_index(drop=True)
