@@ -246,24 +246,22 @@ def generate_benchmarks(model: ResolvedModel, work_dir, *, alpaca: tuple[Artifac
     engine runs, not what is generated: not part of the keys)."""
     outs: dict[str, ArtifactRef] = {}
     plan: dict[str, Any] = {}
+
+    def cached_or_planned(name: str, stage: str, source: ArtifactRef, source_key: str, config: dict) -> None:
+        inputs = {"model": model.sha256, source_key: source.sha256}
+        out = output_dir(work_dir, stage, inputs, config)
+        if done(out):
+            outs[name] = ref_from_dir(out)
+        else:
+            plan[name] = (source, read_table(source), config, inputs, out)
+
     if alpaca is not None:
         eval_ref, gen = alpaca
-        config = {"generation": gen.model_dump()}
-        inputs = {"model": model.sha256, "eval_set": eval_ref.sha256}
-        out = output_dir(work_dir, "alpaca-generate", inputs, config)
-        if done(out):
-            outs["alpaca_eval"] = ref_from_dir(out)
-        else:
-            plan["alpaca_eval"] = (eval_ref, read_table(eval_ref), config, inputs, out)
+        cached_or_planned("alpaca_eval", "alpaca-generate", eval_ref, "eval_set", {"generation": gen.model_dump()})
     if mt_bench is not None:
         q_ref, max_tokens, seed, kv = mt_bench
-        config = {"generation": _mt_config(max_tokens, seed, kv)}
-        inputs = {"model": model.sha256, "questions": q_ref.sha256}
-        out = output_dir(work_dir, "mt-bench-generate", inputs, config)
-        if done(out):
-            outs["mt_bench"] = ref_from_dir(out)
-        else:
-            plan["mt_bench"] = (q_ref, read_table(q_ref), config, inputs, out)
+        cached_or_planned("mt_bench", "mt-bench-generate", q_ref, "questions",
+                          {"generation": _mt_config(max_tokens, seed, kv)})
     if not plan:
         return outs
 

@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -32,7 +31,7 @@ from pipeline_lib.evaluation import alpaca_eval as ae
 from pipeline_lib.evaluation import benchmarks as bm
 from pipeline_lib.evaluation import mt_bench as mtb
 from tests.conftest import shared_dir
-from tests.integration._servers import free_port, start, stop, tail
+from tests.integration._servers import start_vllm_serve, stop, tail
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +50,8 @@ def judge_server(tmp_path_factory):
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg["max_position_embeddings"] = 2048
     (model_dir / "config.json").write_text(json.dumps(cfg))
-    port = free_port()
     log = tmp_path_factory.mktemp("eval-vllm-serve") / "serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    proc = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                  "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "2048",
-                  "--dtype", "float32", "--seed", "0"], env, log)
+    proc, port = start_vllm_serve(model_dir, 2048, log)
     try:
         yield proc, port, log, model_dir
     finally:

