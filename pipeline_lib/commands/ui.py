@@ -132,6 +132,10 @@ def run(args) -> int:
         if not _port_free(args.host, port):
             raise UserError(f"port {port} on {args.host} is in use (a {s.name} server already running?)",
                             hint=f"open {s.url} if it is, or pass {flag} with a free port")
+    # Ctrl-C must stop both servers even when whatever started us left SIGINT ignored or blocked (both survive exec:
+    # seen when `alignflow ui` ran under a long pytest session, where it never saw the test's SIGINT).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         for s in srv:
