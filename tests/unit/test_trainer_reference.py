@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
 import pytest
 import torch
-from _tiny import align_trainer, dpo_args, one_torch_thread, preference_rows, tiny_model, tiny_tokenizer
+from _tiny import WORDS, align_trainer, dpo_args, one_torch_thread, preference_rows, tiny_model, tiny_tokenizer
 from datasets import Dataset
 
 from pipeline_lib.losses import MethodConfig
@@ -62,6 +63,43 @@ def test_default_stage_setup_uses_the_policy_before_training_as_reference(tmp_pa
     trainer = _align(tmp_path, MethodConfig(), ref_model=None, precompute_ref_log_probs=True)
     loss, _ = _loss_and_grad(trainer)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_bf16_precomputed_reference_matches_the_training_batches_bit_for_bit(tmp_path):
+    """In bf16 a reference scored in other batch shapes (other padding, other neighbours) rounds differently from
+    the policy's own forward. The pass runs in the first epoch's batches (same sampler, seed, batch size), so with
+    learning rate 0 (policy = reference throughout) every step of epoch 1 logs −log σ(0) = ln 2 exactly, as a live
+    reference would; rows are shuffled, so a sequential pass's batches differ (its losses are checked to differ too,
+    or this test would prove nothing on a machine whose bf16 rounding ignored batch shapes)."""
+    rng = random.Random(0)
+    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    # lengths grow with i: sequential and shuffled batches of 4 pad to different lengths
+    rows = [{"prompt": f"user : {words(2)} . assistant :", "chosen": " " + words(2 + 3 * i),
+             "rejected": " " + words(1 + 2 * i)} for i in range(16)]
+    kw = dict(ref_model=None, precompute_ref_log_probs=True, bf16=True, learning_rate=0.0, max_steps=4)
+    trainer = _align(tmp_path, MethodConfig(), rows=rows, **kw)
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 4 and all(loss == pytest.approx(math.log(2), abs=1e-7) for loss in losses), losses
+
+    # the same rows with TRL's sequential pass (precompute batch size 3 selects it): not ln 2 at every step
+    sequential = _align(tmp_path / "seq", MethodConfig(), rows=rows, precompute_ref_batch_size=3, **kw)
+    sequential.train()
+    seq_losses = [r["loss"] for r in sequential.state.log_history if "loss" in r]
+    assert max(abs(loss - math.log(2)) for loss in seq_losses) > 1e-5, seq_losses
+
+
+def test_rows_the_first_epoch_skips_still_get_their_reference(tmp_path):
+    """dataloader_drop_last with 10 rows in batches of 4: epoch 1 shows 8 rows; the other 2 are scored separately.
+    All 10 columns equal TRL's own sequential pass (fp32, where batch shapes do not matter) to float precision."""
+    rows = preference_rows(10, seed=1)
+    ours = _align(tmp_path, MethodConfig(), rows=rows, ref_model=None, precompute_ref_log_probs=True,
+                  dataloader_drop_last=True)
+    trl = _align(tmp_path / "trl", MethodConfig(), rows=rows, ref_model=None, precompute_ref_log_probs=True,
+                 precompute_ref_batch_size=3)  # not the training batch size: TRL's sequential pass
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(torch.tensor(ours.train_dataset[col]), torch.tensor(trl.train_dataset[col]),
+                                   rtol=1e-6, atol=1e-5)
 
 
 def test_lora_reference_is_the_base_model_with_adapters_disabled(tmp_path):
