@@ -25,9 +25,11 @@ Departures from the references:
 - The original WPO code (wzhouad/WPO ``scripts/run_wpo.py``) squares ``softmax(logits)`` in the model dtype (bf16
   under mixed precision); we compute ``log Σ π² = logsumexp(2·logits) − 2·logsumexp(logits)`` in fp32, which agrees
   in fp32 and is more accurate in bf16.
-- TRL's DPOTrainer scores tokens with a fused LM head (hidden states × weight, tiled); we score from the logits the
-  model returns, so any causal LM (and PEFT wrapper) works unchanged. Prompt-learning PEFT methods that prepend
-  virtual tokens are not supported.
+- ``completion_logps`` scores from the logits the model returns, so any causal LM works. Inside the trainer the
+  models carry TRL's fused LM head (hidden states × weight in tiles, no B×T×V logits), which gives ``log π(y_t)`` and
+  ``log Σ_v π(v)²`` per token; ``sequence_sums`` turns either source into the same per-sequence results (see
+  ``trainer.AlignTrainer._sequence_logps`` for why the trainer prefers the fused head). Prompt-learning PEFT methods
+  that prepend virtual tokens are not supported.
 """
 
 from __future__ import annotations
@@ -132,10 +134,16 @@ def completion_logps(logits_btv: torch.Tensor, input_ids_bt: torch.Tensor, compl
         chunk = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, b * v))
     target_bt, mask_bt = next_token_targets(input_ids_bt, completion_mask_bt)
     logp_bt, align_bt = _TokenLogps.apply(logits_btv, target_bt, int(chunk), _ALIGN_CODE[wpo_alignment])
-    mask_bt = mask_bt.to(logp_bt.device)
+    return sequence_sums(logp_bt, mask_bt, align_bt if wpo_alignment is not None else None)
+
+
+def sequence_sums(logp_bt: torch.Tensor, mask_bt: torch.Tensor, align_bt: torch.Tensor | None = None) -> SeqLogps:
+    """Per-sequence sums from per-token log-probs ``logp_bt`` and the 0/1 ``mask_bt`` of the tokens to count (both
+    aligned: position t scores its next-token target); ``align_bt``, if given, is averaged into the WPO log-weight."""
+    mask_bt = mask_bt.to(device=logp_bt.device, dtype=torch.float32)
     n_tokens_seq = mask_bt.sum(dim=1)
     sum_seq = (logp_bt * mask_bt).sum(dim=1)
     log_w_seq = None
-    if wpo_alignment is not None:
+    if align_bt is not None:
         log_w_seq = (align_bt * mask_bt).sum(dim=1) / n_tokens_seq.clamp(min=1)
     return SeqLogps(sum_seq=sum_seq, n_tokens_seq=n_tokens_seq, wpo_log_weight_seq=log_w_seq)

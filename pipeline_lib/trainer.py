@@ -49,13 +49,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import add_fused_lm_head
 
-from pipeline_lib.logprobs import SeqLogps, completion_logps
+from pipeline_lib.logprobs import SeqLogps, completion_logps, sequence_sums
 from pipeline_lib.losses import LOSSES, MethodConfig, reward_metrics, wpo_pair_weight
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -91,6 +93,23 @@ class _RowCollator:
         out = self.collator([{k: v for k, v in ex.items() if k != _ROW} for ex in examples])
         out[_ROW] = torch.tensor([ex[_ROW] for ex in examples], dtype=torch.long)
         return out
+
+
+_FUSED_MARK = "_alignflow_fused_outputs"  # set on a model we gave TRL's fused LM head: the fields it returns
+
+
+def _add_fused_head(model, outputs: tuple[str, ...]) -> None:
+    add_fused_lm_head(model, outputs=outputs)
+    setattr(model, _FUSED_MARK, outputs)
+
+
+def _fused_outputs(model) -> tuple[str, ...]:
+    """The per-token fields ``model`` (or, under PEFT, its base model) returns through ``_add_fused_head``, or ()
+    for a model without the head. A mark rather than a look at ``forward``: accelerate's mixed-precision wrapper
+    replaces ``forward`` again when the trainer prepares the model."""
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return getattr(model, _FUSED_MARK, ())
 
 
 def _check_dataset(ds, name: str, method: MethodConfig) -> bool:
@@ -146,6 +165,7 @@ class AlignTrainer(DPOTrainer):
         super().__init__(model=model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          callbacks=callbacks, optimizers=optimizers, peft_config=peft_config)
+        self._install_fused_heads()
         if self._is_vision_dataset:
             raise ValueError("train_dataset: vision datasets are not supported by AlignTrainer")
         if self.aux_loss_enabled:
@@ -163,6 +183,7 @@ class AlignTrainer(DPOTrainer):
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *self.loss_spec.columns]))
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        self._install_fused_heads()  # DPOTrainer.__init__ runs this pass before our __init__ resumes
         if set(REF_COLUMNS) <= set(dataset.column_names):  # supplied by the stage (e.g. the behavior policy)
             for col in REF_COLUMNS:
                 values = torch.tensor([float("nan") if v is None else v for v in dataset[col]], dtype=torch.float64)
@@ -245,11 +266,48 @@ class AlignTrainer(DPOTrainer):
         return self.ref_model or self.model
 
     # -- log-probs --------------------------------------------------------------------------------------------------
+    def _install_fused_heads(self) -> None:
+        """Give the policy and the reference TRL's fused LM head with only the per-token fields our losses read.
+
+        DPOTrainer.__init__ already patches them, asking for entropy, mean logit and top-1 flags (its own metrics,
+        not ours): each costs a pass over the vocabulary per token. Patching again on top (the new forward calls the
+        backbone itself) drops those; ``log_sum_sq_probs`` is asked for only where WPO's sampled alignment uses it.
+        WPO's greedy alignment needs the max logit, which the head does not return: then no model gets the mark and
+        policy and reference are both scored from logits (one arithmetic for both). Runs before the reference
+        pre-computation, so the reference and the policy use the same head."""
+        if getattr(self, "_fused_installed", False):
+            return
+        self._fused_installed = True
+        method = self.method
+        alignment = method.wpo.alignment if method.weighting == "wpo" else None
+        if alignment == "greedy":
+            return
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        _add_fused_head(policy, ("log_probs", "log_sum_sq_probs") if alignment == "sampled" else ("log_probs",))
+        if self.ref_model is not None:
+            _add_fused_head(self.ref_model, ("log_probs",))
+
     def _sequence_logps(self, model, inputs: dict, wpo_alignment: str | None = None) -> SeqLogps:
+        """Per-sequence completion log-probs of ``model`` on a padded batch.
+
+        Through TRL's fused LM head when ``model`` has one (the trainer's own models): no B×T×V logits are built
+        (memory, and a little time), and the arithmetic is exactly stock DPOTrainer's, so in bf16 our training
+        follows the same trajectory as TRL's instead of drifting apart by rounding noise that Adam's sign-like first
+        steps amplify. Else (any other model, or WPO's greedy alignment: see ``_install_fused_heads``) from the
+        logits, via ``completion_logps``; the two agree to float precision."""
         kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in inputs}
+        completion_mask = inputs["completion_mask"]
+        fields = _fused_outputs(self.accelerator.unwrap_model(model))
+        if "log_probs" in fields and (wpo_alignment is None or "log_sum_sq_probs" in fields):
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            out = model(**kwargs, labels=labels, fused_lm_head=True)
+            align_bt = None
+            if wpo_alignment == "sampled":  # log π(y_t) − log Σ_v π(v)²  (WPO Eq. 2, sampled alignment)
+                align_bt = out.log_probs.detach() - out.log_sum_sq_probs
+            # position t scores token t+1 (T−1 positions), zero where the label is masked
+            return sequence_sums(out.log_probs, completion_mask[:, 1:], align_bt)
         logits_btv = model(**kwargs, use_cache=False).logits
-        return completion_logps(logits_btv, inputs["input_ids"], inputs["completion_mask"],
-                                wpo_alignment=wpo_alignment)
+        return completion_logps(logits_btv, inputs["input_ids"], completion_mask, wpo_alignment=wpo_alignment)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-prob sums (chosen, rejected) for one padded batch; TRL's pre-computation calls this."""
