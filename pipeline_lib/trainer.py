@@ -55,8 +55,8 @@ from transformers.training_args import OptimizerNames
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import add_fused_lm_head
 
+from pipeline_lib.fused_head import add_fast_fused_head
 from pipeline_lib.logprobs import SeqLogps, completion_logps, sequence_sums
 from pipeline_lib.losses import LOSSES, MethodConfig, reward_metrics, wpo_pair_weight
 
@@ -99,7 +99,7 @@ _FUSED_MARK = "_alignflow_fused_outputs"  # set on a model we gave TRL's fused L
 
 
 def _add_fused_head(model, outputs: tuple[str, ...]) -> None:
-    add_fused_lm_head(model, outputs=outputs)
+    add_fast_fused_head(model, outputs)  # TRL's arithmetic, faster where TRL has no Triton kernel (fused_head.py)
     setattr(model, _FUSED_MARK, outputs)
 
 
