@@ -2,12 +2,13 @@
 
 Stock TRL runs with its own defaults (bf16 on, gradient checkpointing on, a live reference model forward every
 step). The stage runs as the product does: the reference log-probs computed once in a no-grad pass, no activation
-checkpointing, bf16 autocast. Each side runs in its own process (clean peak RSS).
+checkpointing, bf16 autocast, the fused LM head of ``pipeline_lib/fused_head.py``. Each side runs in its own process
+(clean peak RSS).
 Reported: tokens/s (non-pad tokens of both sequences of every pair, times epochs, over the training wall time
 including the reference pass), peak RSS, the loss after N steps (must agree: |delta| <= 0.01), and model FLOP
 utilisation: (6·N·tokens for the policy + 2·N·tokens for the reference) / s over the measured bf16 matmul peak.
-``--precision fp32`` turns bf16 off on both sides: the equivalence check (bf16 rounding differs between a live and
-a precomputed reference pass, so bf16 losses drift apart by noise; in fp32 they must agree closely).
+``--precision fp32`` turns bf16 off on both sides. In bf16 the product computes in stock TRL's arithmetic (same fused
+LM head arithmetic, reference in the training batches' shapes), so the two loss curves should be identical.
 Run: python -m bench.training [--model REF] [--pairs 48] [--steps 12] [--batch 4] [--precision bf16|fp32]
 """
 

@@ -26,10 +26,10 @@ Departures from the references:
   under mixed precision); we compute ``log Σ π² = logsumexp(2·logits) − 2·logsumexp(logits)`` in fp32, which agrees
   in fp32 and is more accurate in bf16.
 - ``completion_logps`` scores from the logits the model returns, so any causal LM works. Inside the trainer the
-  models carry TRL's fused LM head (hidden states × weight in tiles, no B×T×V logits), which gives ``log π(y_t)`` and
-  ``log Σ_v π(v)²`` per token; ``sequence_sums`` turns either source into the same per-sequence results (see
-  ``trainer.AlignTrainer._sequence_logps`` for why the trainer prefers the fused head). Prompt-learning PEFT methods
-  that prepend virtual tokens are not supported.
+  models carry a fused LM head (``fused_head.py``: hidden states × weight in tiles, no B×T×V logits, TRL's
+  arithmetic), which gives ``log π(y_t)`` and ``log Σ_v π(v)²`` per token; ``sequence_sums`` turns either source
+  into the same per-sequence results (see ``trainer.AlignTrainer._sequence_logps`` for why the trainer prefers the
+  fused head). Prompt-learning PEFT methods that prepend virtual tokens are not supported.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
 """``AlignTrainer``: TRL's DPOTrainer with its loss maths replaced by ``losses.py`` and log-probs by ``logprobs.py``.
 
-TRL keeps what it does well: tokenising the pairs, the collator, the reference pre-computation pass, PEFT handling,
-the training loop, checkpoints. This subclass overrides only the per-batch loss (``_compute_loss``), the reference
-log-prob producer used by the pre-computation (``compute_ref_log_probs``), the optimiser choice, the columns that
-survive to the collator, and evaluation (loss only).
+TRL keeps what it does well: tokenising the pairs, the collator, PEFT handling, the training loop, checkpoints. This
+subclass overrides the per-batch loss (``_compute_loss``), the reference pre-computation (run in the first epoch's
+batches, see ``_precompute_in_train_order``) and its log-prob producer (``compute_ref_log_probs``), the LM head
+(``fused_head.py``: TRL's arithmetic, faster on CPU), the optimiser choice, the columns that survive to the
+collator, and evaluation (loss only). In bf16 it trains bit for bit as stock DPOTrainer does with the same seed
+(tests/unit/test_trainer.py), only faster.
 
 Reference log-probs. The trainer is agnostic about *which* model is the reference; the stage decides and hands
 over either columns or a model:
 - a dataset that already carries ``ref_chosen_logps`` / ``ref_rejected_logps`` (sums over the completion tokens as
   this trainer tokenises them, EOS included) is used as is; no reference model is loaded or kept;
 - else ``DPOConfig(precompute_ref_log_probs=True)`` computes those columns once, in a no-grad pass at start-up, from
-  ``ref_model`` if given, else from the policy as it is before the first step (TRL's pass, our producer);
+  ``ref_model`` if given, else from the policy as it is before the first step (our pass, in the training batches);
 - else ``ref_model`` runs live every step (the invariance tests show all three give the same loss and gradient).
 In a round whose pairs were sampled by the policy being trained, the model at start-up *is* the behavior policy, so
 ``reference: behavior`` (BPO) is the default pre-computation with no ``ref_model``, and ``reference: initial`` means
@@ -95,7 +97,7 @@ class _RowCollator:
         return out
 
 
-_FUSED_MARK = "_alignflow_fused_outputs"  # set on a model we gave TRL's fused LM head: the fields it returns
+_FUSED_MARK = "_alignflow_fused_outputs"  # set on a model we gave the fused LM head: the fields it returns
 
 
 def _add_fused_head(model, outputs: tuple[str, ...]) -> None:
@@ -267,11 +269,13 @@ class AlignTrainer(DPOTrainer):
 
     # -- log-probs --------------------------------------------------------------------------------------------------
     def _install_fused_heads(self) -> None:
-        """Give the policy and the reference TRL's fused LM head with only the per-token fields our losses read.
+        """Give the policy and the reference the fused LM head (``fused_head.py``: TRL's arithmetic, faster on CPU)
+        with only the per-token fields our losses read.
 
-        DPOTrainer.__init__ already patches them, asking for entropy, mean logit and top-1 flags (its own metrics,
-        not ours): each costs a pass over the vocabulary per token. Patching again on top (the new forward calls the
-        backbone itself) drops those; ``log_sum_sq_probs`` is asked for only where WPO's sampled alignment uses it.
+        DPOTrainer.__init__ already patches them with TRL's head, asking for entropy, mean logit and top-1 flags (its
+        own metrics, not ours): each costs a pass over the vocabulary per token. Patching again on top (the new
+        forward calls the backbone itself) drops those; ``log_sum_sq_probs`` is asked for only where WPO's sampled
+        alignment uses it.
         WPO's greedy alignment needs the max logit, which the head does not return: then no model gets the mark and
         policy and reference are both scored from logits (one arithmetic for both). Runs before the reference
         pre-computation, so the reference and the policy use the same head."""
@@ -290,10 +294,9 @@ class AlignTrainer(DPOTrainer):
     def _sequence_logps(self, model, inputs: dict, wpo_alignment: str | None = None) -> SeqLogps:
         """Per-sequence completion log-probs of ``model`` on a padded batch.
 
-        Through TRL's fused LM head when ``model`` has one (the trainer's own models): no B×T×V logits are built
-        (memory, and a little time), and the arithmetic is exactly stock DPOTrainer's, so in bf16 our training
-        follows the same trajectory as TRL's instead of drifting apart by rounding noise that Adam's sign-like first
-        steps amplify. Else (any other model, or WPO's greedy alignment: see ``_install_fused_heads``) from the
+        Through the fused LM head when ``model`` has one (the trainer's own models): no B×T×V logits are built,
+        and the arithmetic is exactly stock DPOTrainer's, so in bf16 our training follows TRL's trajectory bit for
+        bit instead of drifting apart by rounding noise that Adam's sign-like first steps amplify. Else (any other model, or WPO's greedy alignment: see ``_install_fused_heads``) from the
         logits, via ``completion_logps``; the two agree to float precision."""
         kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in inputs}
         completion_mask = inputs["completion_mask"]
