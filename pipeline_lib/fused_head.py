@@ -22,12 +22,14 @@ import functools
 import types
 
 import torch
+from accelerate.utils import is_peft_model
 from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, _addmm_fp32, _use_triton
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput, add_fused_lm_head
 
 # config fields that rescale or cap the logits (TRL's head handles them; ours does not)
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
+_MARK = "_alignflow_fused_outputs"  # on a patched model: the per-token fields its fused forward returns
 # keep a tile for the backward pass instead of recomputing it while the kept tiles stay under this size
 KEEP_TILES_BYTES = 1 << 30
 
@@ -182,3 +184,13 @@ def add_fast_fused_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> Non
                                    log_sum_sq_probs=log_sum_sq_bt, label_mask=mask_bt)
 
     model.forward = types.MethodType(forward, model)
+    setattr(model, _MARK, tuple(outputs))
+
+
+def fused_outputs(model) -> tuple[str, ...]:
+    """The per-token fields ``model`` (or, under PEFT, its base model) returns with ``fused_lm_head=True`` after
+    ``add_fast_fused_head``, or () for a model without it. A mark rather than a look at ``forward``: accelerate's
+    mixed-precision wrapper replaces ``forward`` again when the trainer prepares the model."""
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return getattr(model, _MARK, ())

@@ -58,7 +58,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from pipeline_lib.fused_head import add_fast_fused_head
+from pipeline_lib.fused_head import add_fast_fused_head, fused_outputs
 from pipeline_lib.logprobs import SeqLogps, completion_logps, sequence_sums
 from pipeline_lib.losses import LOSSES, MethodConfig, reward_metrics, wpo_pair_weight
 
@@ -95,23 +95,6 @@ class _RowCollator:
         out = self.collator([{k: v for k, v in ex.items() if k != _ROW} for ex in examples])
         out[_ROW] = torch.tensor([ex[_ROW] for ex in examples], dtype=torch.long)
         return out
-
-
-_FUSED_MARK = "_alignflow_fused_outputs"  # set on a model we gave the fused LM head: the fields it returns
-
-
-def _add_fused_head(model, outputs: tuple[str, ...]) -> None:
-    add_fast_fused_head(model, outputs)  # TRL's arithmetic, faster where TRL has no Triton kernel (fused_head.py)
-    setattr(model, _FUSED_MARK, outputs)
-
-
-def _fused_outputs(model) -> tuple[str, ...]:
-    """The per-token fields ``model`` (or, under PEFT, its base model) returns through ``_add_fused_head``, or ()
-    for a model without the head. A mark rather than a look at ``forward``: accelerate's mixed-precision wrapper
-    replaces ``forward`` again when the trainer prepares the model."""
-    if is_peft_model(model):
-        model = model.get_base_model()
-    return getattr(model, _FUSED_MARK, ())
 
 
 def _check_dataset(ds, name: str, method: MethodConfig) -> bool:
@@ -287,20 +270,21 @@ class AlignTrainer(DPOTrainer):
         if alignment == "greedy":
             return
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        _add_fused_head(policy, ("log_probs", "log_sum_sq_probs") if alignment == "sampled" else ("log_probs",))
+        add_fast_fused_head(policy, ("log_probs", "log_sum_sq_probs") if alignment == "sampled" else ("log_probs",))
         if self.ref_model is not None:
-            _add_fused_head(self.ref_model, ("log_probs",))
+            add_fast_fused_head(self.ref_model, ("log_probs",))
 
     def _sequence_logps(self, model, inputs: dict, wpo_alignment: str | None = None) -> SeqLogps:
         """Per-sequence completion log-probs of ``model`` on a padded batch.
 
         Through the fused LM head when ``model`` has one (the trainer's own models): no B×T×V logits are built,
         and the arithmetic is exactly stock DPOTrainer's, so in bf16 our training follows TRL's trajectory bit for
-        bit instead of drifting apart by rounding noise that Adam's sign-like first steps amplify. Else (any other model, or WPO's greedy alignment: see ``_install_fused_heads``) from the
-        logits, via ``completion_logps``; the two agree to float precision."""
+        bit instead of drifting apart by rounding noise that Adam's sign-like first steps amplify. Else (any other
+        model, or WPO's greedy alignment: see ``_install_fused_heads``) from the logits, via ``completion_logps``;
+        the two agree to float precision."""
         kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in inputs}
         completion_mask = inputs["completion_mask"]
-        fields = _fused_outputs(self.accelerator.unwrap_model(model))
+        fields = fused_outputs(self.accelerator.unwrap_model(model))
         if "log_probs" in fields and (wpo_alignment is None or "log_sum_sq_probs" in fields):
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
             out = model(**kwargs, labels=labels, fused_lm_head=True)
