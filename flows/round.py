@@ -157,14 +157,13 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     stage_s = lineage.stage_seconds(parent, _flow_run_id())
     summary["stage_s"] = stage_s
     summary["overhead_share"] = 1.0 - stage_s / summary["wall_s"] if stage_s else float("nan")
-    for name, sha in summary["artifacts"].items():  # cached stages log no run: the report finds producers by these
-        lineage.c.set_tag(parent, f"alignflow.artifact.{name}", sha)
-    lineage.c.set_tag(parent, "alignflow.promoted", str(promoted).lower())
-    lineage.c.set_tag(parent, "alignflow.promotion_reason", reason)
+    # cached stages log no run: the report finds producers by the alignflow.artifact.* tags
     lineage.finish_round(parent, {**{f"before.{k}": v for k, v in summary["before"].items()},
                                   **{f"after.{k}": v for k, v in summary["after"].items()},
                                   "round_wall_s": summary["wall_s"], "stage_s": stage_s,
-                                  "overhead_share": summary["overhead_share"], "promoted": float(promoted)})
+                                  "overhead_share": summary["overhead_share"], "promoted": float(promoted)},
+                         tags={**{f"alignflow.artifact.{n}": sha for n, sha in summary["artifacts"].items()},
+                               "alignflow.promoted": str(promoted).lower(), "alignflow.promotion_reason": reason})
     from pipeline_lib.report.publish import log_round_charts
 
     try:  # pictures must never fail a round whose model is trained and registered

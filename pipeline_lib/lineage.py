@@ -78,6 +78,17 @@ def log_artifacts_io(c, run_id: str, inputs: Mapping[str, ArtifactRef], outputs:
         c.log_inputs(run_id, datasets=entries)
 
 
+def log_in_batches(c, run_id: str, metrics: list = (), params: list = (), tags: list = ()) -> None:
+    """Everything in as few ``log_batch`` calls (store transactions) as MLflow's per-call caps allow: 1000
+    metrics, 100 params and 100 tags per call."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    i = 0
+    while i == 0 or i * 1000 < len(metrics) or i * 100 < max(len(params), len(tags)):
+        c.log_batch(run_id, metrics=metrics[i * 1000:(i + 1) * 1000], params=params[i * 100:(i + 1) * 100],
+                    tags=tags[i * 100:(i + 1) * 100])
+        i += 1
+
+
 class RoundLineage:
     """Lineage of one round, addressed by run ids (safe to use from any thread or process)."""
 
@@ -90,17 +101,17 @@ class RoundLineage:
         """Open (or re-open, after a crash) the parent run of the round identified by ``round_key``."""
         found = self.c.search_runs([self.experiment_id], filter_string=f"tags.`{ROUND_KEY}` = '{round_key}'",
                                    max_results=1, order_by=["attributes.start_time DESC"])
-        if found:
+        from mlflow.entities import Param, RunTag
+
+        if found:  # a re-run: its tags (e.g. the new flow run id) replace the crashed run's
             run_id = found[0].info.run_id
             if found[0].info.status != "RUNNING":
                 self.c.update_run(run_id, status="RUNNING")
+            log_in_batches(self.c, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         else:
             run = self.c.create_run(self.experiment_id, run_name=name, tags={ROUND_KEY: round_key, **tags})
             run_id = run.info.run_id
-            for k, v in _flatten(config).items():
-                self.c.log_param(run_id, k, v[:6000])
-        for k, v in tags.items():
-            self.c.set_tag(run_id, k, v)
+            log_in_batches(self.c, run_id, params=[Param(k, v[:6000]) for k, v in _flatten(config).items()])
         return run_id
 
     def stage_run(self, parent_id: str, stage: str, inputs: Mapping[str, ArtifactRef],
@@ -120,11 +131,8 @@ class RoundLineage:
             step = int(row.get("step", 0))
             mets += [Metric(k.replace("/", "_"), float(v), now, step) for k, v in row.items()
                      if k != "step" and _is_number(v)]
-        self.c.log_batch(rid, metrics=mets[:1000], params=params[:100], tags=[RunTag(f"output.{k}", r.sha256)
-                                                                          for k, r in outputs.items()])
-        if len(mets) > 1000:
-            for i in range(1000, len(mets), 1000):
-                self.c.log_batch(rid, metrics=mets[i:i + 1000])
+        log_in_batches(self.c, rid, metrics=mets, params=params,
+                       tags=[RunTag(f"output.{k}", r.sha256) for k, r in outputs.items()])
         log_artifacts_io(self.c, rid, inputs, outputs)
         self.c.set_terminated(rid, "FINISHED")
         return rid
@@ -167,12 +175,15 @@ class RoundLineage:
     def set_alias(self, registered_name: str, alias: str, version: str) -> None:
         self.c.set_registered_model_alias(registered_name, alias, version)
 
-    def finish_round(self, run_id: str, metrics: Mapping[str, float], status: str = "FINISHED") -> None:
-        from mlflow.entities import Metric
+    def finish_round(self, run_id: str, metrics: Mapping[str, float], status: str = "FINISHED",
+                     tags: Mapping[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, RunTag
         import time
 
         now = int(time.time() * 1000)
-        self.c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _is_number(v)])
+        log_in_batches(self.c, run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                                                if _is_number(v)],
+                       tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
         self.c.set_terminated(run_id, status)
 
 

@@ -31,7 +31,7 @@ def benchmark_data_task(a: bm.AlpacaEvalConfig | None, m: bm.MTBenchConfig | Non
     return out
 
 
-@task(**task_options("benchmark-generate", gpu=True))
+@task(**task_options("benchmark-generate"))
 def generate_task(model: ResolvedModel, data: dict[str, ArtifactRef], a: bm.AlpacaEvalConfig, m: bm.MTBenchConfig,
                   ctx: RoundContext, tensor_parallel_size: int = 1) -> dict[str, ArtifactRef]:
     """The model's AlpacaEval outputs and MT-Bench answers (for the benchmarks in ``data``); AlpacaEval and MT-Bench

@@ -37,7 +37,7 @@ def prompts_task(cfg: PromptSetOptions, split: str, n: int, ctx: RoundContext) -
     return ref
 
 
-@task(**task_options("collect", gpu=True))
+@task(**task_options("collect"))
 def collect_task(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, ctx: RoundContext) -> ArtifactRef:
     """Sample K responses per prompt from the policy with vLLM."""
     with gpu_slot(ctx.gpu_limit):
@@ -95,7 +95,7 @@ def hybrid_pair_task(judgments: ArtifactRef, cfg: HybridOptions, ctx: RoundConte
     return ref
 
 
-@task(**task_options("train", gpu=True))
+@task(**task_options("train"))
 def train_task(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: MethodConfig,
                reference: ResolvedModel, ctx: RoundContext) -> ArtifactRef:
     """Preference-optimise the policy on the pairs against the reference; returns the checkpoint."""
@@ -108,7 +108,7 @@ def train_task(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, meth
     return ref
 
 
-@task(**task_options("evaluate", gpu=True))
+@task(**task_options("evaluate"))
 def evaluate_task(model: ResolvedModel, prompts: ArtifactRef, judge: dict[str, Any], cfg: EvaluateConfig,
                   ctx: RoundContext, role: str = "policy", tensor_parallel_size: int = 1) -> ArtifactRef:
     """Greedy responses on held-out prompts, judged; metrics in the artifact's manifest."""
