@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast smoke bench lint clean
+.PHONY: setup demo test test-fast smoke bench clean
 
 setup:
 	@bash scripts/setup.sh

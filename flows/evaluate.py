@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline_lib.artifacts import read_manifest, sha256_file, sha256_json
+from pipeline_lib.evaluation import bench_config as bc
 from pipeline_lib.evaluation import benchmarks as bm
 from pipeline_lib.judges.base import build_judge
 from pipeline_lib.lineage import RoundLineage
@@ -29,7 +30,7 @@ MT_BENCH_KEYS = ["score", "n_valid", "n_invalid", "turn_1.score", "turn_1.n_inva
                  "turn_2.n_invalid"]
 
 
-def _data_fingerprint(cfg: bm.EvaluateModelConfig, benchmarks: list[str]) -> str:
+def _data_fingerprint(cfg: bc.EvaluateModelConfig, benchmarks: list[str]) -> str:
     """Hashes of the local data files the stages read, so an edited file misses the task cache."""
     a, m = cfg.alpaca_eval, cfg.mt_bench
     files = [a.eval_set, a.instruction_difficulty] if "alpaca_eval" in benchmarks else []
@@ -38,8 +39,8 @@ def _data_fingerprint(cfg: bm.EvaluateModelConfig, benchmarks: list[str]) -> str
 
 
 @flow(name="evaluate-model", log_prints=True)
-def evaluate_model(model_ref: str, benchmarks: list[bm.Benchmark] | None = None, judge: dict[str, Any] | None = None,
-                   config: bm.EvaluateModelConfig = bm.EvaluateModelConfig()) -> dict:
+def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None, judge: dict[str, Any] | None = None,
+                   config: bc.EvaluateModelConfig = bc.EvaluateModelConfig()) -> dict:
     """AlpacaEval 2 and/or MT-Bench for one model reference (``tiny:0``, ``models:/name@alias``, a directory, a hub
     id). ``benchmarks`` / ``judge`` default to the config's. Returns the metrics per benchmark and artifact paths."""
     from flows.round import _flow_run_id, _with_storage
@@ -49,9 +50,9 @@ def evaluate_model(model_ref: str, benchmarks: list[bm.Benchmark] | None = None,
     t0 = time.perf_counter()
     benchmarks = list(dict.fromkeys(benchmarks or config.benchmarks))
     judge = dict(judge or config.judge)
-    prompts = config.mt_bench.judge_prompts or (bm.shared_mt_bench_file("judge_prompts.jsonl")
+    prompts = config.mt_bench.judge_prompts or (bc.shared_mt_bench_file("judge_prompts.jsonl")
                                                  if "mt_bench" in benchmarks else None)
-    judge_cfgs = {b: bm.judge_options(judge, b, prompts) for b in benchmarks}  # bad options fail before any model
+    judge_cfgs = {b: bc.judge_options(judge, b, prompts) for b in benchmarks}  # bad options fail before any model
     work_dir = str(Path(config.run.work_dir).resolve())
     data_t, gen_t, ann_t, mt_t = _with_storage(work_dir, benchmark_data_task, generate_task, alpaca_annotate_task,
                                                mt_bench_judge_task)

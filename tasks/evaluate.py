@@ -12,13 +12,14 @@ from typing import Any
 from prefect import task
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest
+from pipeline_lib.evaluation import bench_config as bc
 from pipeline_lib.evaluation import benchmarks as bm
 from pipeline_lib.models import ResolvedModel
 from tasks.common import RoundContext, gpu_slot, task_options
 
 
 @task(**task_options("benchmark-data"))
-def benchmark_data_task(a: bm.AlpacaEvalConfig | None, m: bm.MTBenchConfig | None, data_fingerprint: str,
+def benchmark_data_task(a: bc.AlpacaEvalConfig | None, m: bc.MTBenchConfig | None, data_fingerprint: str,
                         ctx: RoundContext) -> dict[str, ArtifactRef]:
     """The evaluation data of the benchmarks given (None: skipped) as artifacts (``data_fingerprint``: the local
     files' hashes, part of the cache key)."""
@@ -32,7 +33,7 @@ def benchmark_data_task(a: bm.AlpacaEvalConfig | None, m: bm.MTBenchConfig | Non
 
 
 @task(**task_options("benchmark-generate"))
-def generate_task(model: ResolvedModel, data: dict[str, ArtifactRef], a: bm.AlpacaEvalConfig, m: bm.MTBenchConfig,
+def generate_task(model: ResolvedModel, data: dict[str, ArtifactRef], a: bc.AlpacaEvalConfig, m: bc.MTBenchConfig,
                   ctx: RoundContext, tensor_parallel_size: int = 1) -> dict[str, ArtifactRef]:
     """The model's AlpacaEval outputs and MT-Bench answers (for the benchmarks in ``data``); AlpacaEval and MT-Bench
     turn 1 share worker calls. One child run per benchmark."""
@@ -51,7 +52,7 @@ def generate_task(model: ResolvedModel, data: dict[str, ArtifactRef], a: bm.Alpa
 
 @task(**task_options("alpaca-annotate"))
 def alpaca_annotate_task(outputs: ArtifactRef, eval_set: ArtifactRef, judge: dict[str, Any],
-                         cfg: bm.AlpacaEvalConfig, ctx: RoundContext) -> ArtifactRef:
+                         cfg: bc.AlpacaEvalConfig, ctx: RoundContext) -> ArtifactRef:
     """Pairwise verdicts against the reference outputs; AlpacaEval 2 metrics in the manifest."""
     ref = bm.alpaca_annotate(outputs, judge, ctx.work_dir, cfg.instruction_difficulty, quiet=ctx.quiet)
     man = read_manifest(ref.path)
@@ -62,7 +63,7 @@ def alpaca_annotate_task(outputs: ArtifactRef, eval_set: ArtifactRef, judge: dic
 
 @task(**task_options("mt-bench-judge"))
 def mt_bench_judge_task(answers: ArtifactRef, questions: ArtifactRef, judge: dict[str, Any],
-                        cfg: bm.MTBenchConfig, ctx: RoundContext) -> ArtifactRef:
+                        cfg: bc.MTBenchConfig, ctx: RoundContext) -> ArtifactRef:
     """Single-answer ratings per turn; scores per turn / category / overall; the category chart as an MLflow
     artifact of the stage's run."""
     from pipeline_lib.lineage import RoundLineage

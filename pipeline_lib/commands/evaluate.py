@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-from pipeline_lib.evaluation.benchmarks import BENCHMARKS
+from pipeline_lib.evaluation.bench_config import BENCHMARKS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def _f(x) -> str:
 
 def evaluate_command(args) -> int:
     from pipeline_lib.config import load_config
-    from pipeline_lib.evaluation.benchmarks import EvaluateModelConfig
+    from pipeline_lib.evaluation.bench_config import EvaluateModelConfig
 
     overrides = list(args.overrides) + (["run.quiet=true"] if args.quiet else [])
     cfg = load_config(args.config, overrides, model=EvaluateModelConfig)

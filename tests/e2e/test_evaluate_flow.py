@@ -28,6 +28,7 @@ import yaml
 from pipeline_lib.cli import main as cli_main
 from pipeline_lib.artifacts import read_manifest, read_table, ref_from_dir, sha256_file, verify
 from pipeline_lib.evaluation import alpaca_eval as ae
+from pipeline_lib.evaluation import bench_config as bc
 from pipeline_lib.evaluation import benchmarks as bm
 from pipeline_lib.evaluation import mt_bench as mtb
 from tests.conftest import shared_dir
@@ -74,7 +75,7 @@ def evaluated(judge_server, tmp_path_factory):
     # connections (capped backoff) carry the judge stages over until it answers.
     judge = {"kind": "llm", "backend": "http", "base_url": f"http://127.0.0.1:{port}/v1", "model": str(judge_dir),
              "max_tokens": JUDGE_MAX_TOKENS, "max_retries": 200, "backoff_s": 0.5, "max_backoff_s": 2.0}
-    cfg = bm.EvaluateModelConfig.model_validate({
+    cfg = bc.EvaluateModelConfig.model_validate({
         "alpaca_eval": {"eval_set": str(tmp / "eval_set.json"),
                         "instruction_difficulty": str(shared_dir() / "data" / "alpaca_eval" /
                                                       "instruction_difficulty_estimated.csv"),
@@ -195,7 +196,7 @@ def test_mt_bench_ratings_per_turn_with_invalid_counted(evaluated):
     assert table[["question_id", "turn"]].values.tolist() == [[104, 1], [104, 2], [140, 1], [140, 2]]
     assert table["template"].tolist() == ["single-math-v1", "single-math-v1-multi-turn", "single-v1",
                                           "single-v1-multi-turn"]
-    cfg = bm.judge_options(evaluated["judge"], "mt_bench", evaluated["cfg"].mt_bench.judge_prompts)
+    cfg = bc.judge_options(evaluated["judge"], "mt_bench", evaluated["cfg"].mt_bench.judge_prompts)
     judge = build_judge(cfg)
     refs = mtb.load_reference_answers(evaluated["cfg"].mt_bench.reference_answers)
     reqs = []
@@ -332,13 +333,13 @@ def test_bad_settings_fail_naming_the_key(tmp_path):
     from pydantic import ValidationError
 
     with pytest.raises(ValueError, match=r"judge: required"):
-        bm.judge_options({}, "alpaca_eval")
+        bc.judge_options({}, "alpaca_eval")
     with pytest.raises(ValidationError, match=r"judge.kind: 'rules'"):
-        bm.EvaluateModelConfig(judge={"kind": "rules"})
+        bc.EvaluateModelConfig(judge={"kind": "rules"})
     with pytest.raises(ValidationError, match=r"judge.base_url: required"):
-        bm.EvaluateModelConfig(judge={"kind": "llm", "model": "m"})
+        bc.EvaluateModelConfig(judge={"kind": "llm", "model": "m"})
     with pytest.raises(ValidationError, match=r"n_questions or question_ids"):
-        bm.MTBenchConfig(n_questions=2, question_ids=[81])
+        bc.MTBenchConfig(n_questions=2, question_ids=[81])
     with pytest.raises(ValueError, match=r"question_ids: \[9999\] not in"):
         bm.load_mt_bench_set(str(shared_dir() / "data" / "mt_bench" / "question.jsonl"), None, tmp_path, [81, 9999])
 
@@ -348,8 +349,8 @@ def test_mt_bench_judge_options_drop_pairwise_settings():
     options; alpaca_eval loses judge_prompts."""
     judge = {"kind": "llm", "base_url": "http://127.0.0.1:1/v1", "model": "j", "swap_consistency": True,
              "top_logprobs": 5, "judge_prompts": "x.jsonl"}
-    mt = bm.judge_options(judge, "mt_bench", "prompts.jsonl")
+    mt = bc.judge_options(judge, "mt_bench", "prompts.jsonl")
     assert mt["protocol"] == "mt_bench" and mt["judge_prompts"] == "prompts.jsonl"
     assert "swap_consistency" not in mt and "top_logprobs" not in mt
-    al = bm.judge_options(judge, "alpaca_eval")
+    al = bc.judge_options(judge, "alpaca_eval")
     assert al["protocol"] == "alpaca_eval" and "judge_prompts" not in al and al["swap_consistency"] is True

@@ -171,7 +171,7 @@ def test_recipe_matches_its_sources(rel):
 @pytest.mark.parametrize("path", EVAL_CONFIGS, ids=_rel)
 def test_evaluate_configs_load_and_start_with_their_command(path):
     from pipeline_lib.cli import build_parser
-    from pipeline_lib.evaluation.benchmarks import EvaluateModelConfig
+    from pipeline_lib.evaluation.bench_config import EvaluateModelConfig
 
     cfg = load_config(path, model=EvaluateModelConfig)
     assert cfg.benchmarks
