@@ -78,17 +78,6 @@ def log_artifacts_io(c, run_id: str, inputs: Mapping[str, ArtifactRef], outputs:
         c.log_inputs(run_id, datasets=entries)
 
 
-def log_in_batches(c, run_id: str, metrics: list = (), params: list = (), tags: list = ()) -> None:
-    """Everything in as few ``log_batch`` calls (store transactions) as MLflow's per-call caps allow: 1000
-    metrics, 100 params and 100 tags per call."""
-    metrics, params, tags = list(metrics), list(params), list(tags)
-    i = 0
-    while i == 0 or i * 1000 < len(metrics) or i * 100 < max(len(params), len(tags)):
-        c.log_batch(run_id, metrics=metrics[i * 1000:(i + 1) * 1000], params=params[i * 100:(i + 1) * 100],
-                    tags=tags[i * 100:(i + 1) * 100])
-        i += 1
-
-
 class RoundLineage:
     """Lineage of one round, addressed by run ids (safe to use from any thread or process)."""
 
@@ -107,11 +96,12 @@ class RoundLineage:
             run_id = found[0].info.run_id
             if found[0].info.status != "RUNNING":
                 self.c.update_run(run_id, status="RUNNING")
-            log_in_batches(self.c, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         else:
             run = self.c.create_run(self.experiment_id, run_name=name, tags={ROUND_KEY: round_key, **tags})
             run_id = run.info.run_id
-            log_in_batches(self.c, run_id, params=[Param(k, v[:6000]) for k, v in _flatten(config).items()])
+            # one call: the client splits it at MLflow's per-request caps (100 params), one transaction per chunk
+            self.c.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in _flatten(config).items()])
         return run_id
 
     def stage_run(self, parent_id: str, stage: str, inputs: Mapping[str, ArtifactRef],
@@ -131,8 +121,8 @@ class RoundLineage:
             step = int(row.get("step", 0))
             mets += [Metric(k.replace("/", "_"), float(v), now, step) for k, v in row.items()
                      if k != "step" and _is_number(v)]
-        log_in_batches(self.c, rid, metrics=mets, params=params,
-                       tags=[RunTag(f"output.{k}", r.sha256) for k, r in outputs.items()])
+        self.c.log_batch(rid, metrics=mets, params=params,  # the client splits at MLflow's per-request caps
+                         tags=[RunTag(f"output.{k}", r.sha256) for k, r in outputs.items()])
         log_artifacts_io(self.c, rid, inputs, outputs)
         self.c.set_terminated(rid, "FINISHED")
         return rid
@@ -181,9 +171,8 @@ class RoundLineage:
         import time
 
         now = int(time.time() * 1000)
-        log_in_batches(self.c, run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
-                                                if _is_number(v)],
-                       tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+        self.c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _is_number(v)],
+                         tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
         self.c.set_terminated(run_id, status)
 
 

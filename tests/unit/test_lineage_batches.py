@@ -1,7 +1,7 @@
 """Round and stage runs keep every param, metric and tag, however many, in few store transactions.
 
-MLflow caps one ``log_batch`` at 100 params, 100 tags and 1000 metrics; the stage run once cut its params at 100.
-Real SQLite MLflow store.
+MLflow caps one store request at 100 params, 100 tags and 1000 entities; its client splits a larger ``log_batch``
+into such requests. The stage run once cut its params at 100 itself. Real SQLite MLflow store.
 """
 
 from __future__ import annotations
