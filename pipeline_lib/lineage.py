@@ -88,10 +88,10 @@ class RoundLineage:
 
     def start_round(self, round_key: str, name: str, config: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         """Open (or re-open, after a crash) the parent run of the round identified by ``round_key``."""
-        found = self.c.search_runs([self.experiment_id], filter_string=f"tags.`{ROUND_KEY}` = '{round_key}'",
-                                   max_results=1, order_by=["attributes.start_time DESC"])
         from mlflow.entities import Param, RunTag
 
+        found = self.c.search_runs([self.experiment_id], filter_string=f"tags.`{ROUND_KEY}` = '{round_key}'",
+                                   max_results=1, order_by=["attributes.start_time DESC"])
         if found:  # a re-run: its tags (e.g. the new flow run id) replace the crashed run's
             run_id = found[0].info.run_id
             if found[0].info.status != "RUNNING":

@@ -17,10 +17,7 @@ def _lineage(tmp_path):
 def test_stage_run_keeps_all_params_metrics_and_step_metrics(tmp_path):
     lin = _lineage(tmp_path)
     parent = lin.start_round("k", "r", {"a": 1}, tags={})
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "manifest.json").write_text("{}")
-    ref = ArtifactRef(kind="table", name="t", path=str(out), sha256="ab" * 32)
+    ref = ArtifactRef(kind="table", name="t", path=str(tmp_path / "out"), sha256="ab" * 32)
     config = {f"p{i:03d}": i for i in range(250)}                    # 3 batches of params
     metrics = {f"m{i:04d}": i / 2 for i in range(1500)}              # 2 batches of metrics
     steps = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)]
