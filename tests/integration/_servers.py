@@ -74,6 +74,7 @@ class PrefectServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api = f"{self.url}/api"
         self.proc: subprocess.Popen | None = None
+        self.missed_polls: list[str] = []  # GETs without an answer, see get()
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment for a client process of this server (CLI, worker, flow runs)."""
@@ -122,10 +123,30 @@ class PrefectServer:
             raise AssertionError(f"POST {path} -> {r.status_code}: {r.text[:2000]}")
         return r
 
-    def get(self, path: str) -> dict:
-        r = httpx.get(f"{self.api}{path}", timeout=30)
-        r.raise_for_status()
-        return r.json()
+    def get(self, path: str, attempts: int = 3) -> dict:
+        """GET, asked again (up to ``attempts`` times) when it times out or gets a 5xx: on a 2-core machine the
+        embedded SQLite server can stall past a request's timeout while a flow run it serves trains and writes
+        states (seen once in CI: a 30 s read timeout polling a flow run). Reads only; a POST is never repeated."""
+        for _ in range(attempts):
+            r = self._get_once(path)
+            if r is not None:
+                r.raise_for_status()
+                return r.json()
+        raise AssertionError(f"GET {path}: no answer in {attempts} tries ({self.missed_polls[-attempts:]}); "
+                             f"server log: {self.log_tail()}")
+
+    def _get_once(self, path: str) -> httpx.Response | None:
+        """One GET; None (noted in ``missed_polls``) for a timeout, a dropped connection or a 5xx."""
+        t0 = time.monotonic()
+        try:
+            r = httpx.get(f"{self.api}{path}", timeout=30)
+        except httpx.TransportError as e:
+            self.missed_polls.append(f"GET {path}: {type(e).__name__} after {time.monotonic() - t0:.1f} s")
+            return None
+        if r.status_code >= 500:
+            self.missed_polls.append(f"GET {path}: HTTP {r.status_code} after {time.monotonic() - t0:.1f} s")
+            return None
+        return r
 
     def deployment(self, flow: str, name: str) -> dict:
         return self.get(f"/deployments/name/{flow}/{name}")
@@ -136,18 +157,24 @@ class PrefectServer:
 
     def wait_flow_run(self, flow_run_id: str, timeout: float, watch: subprocess.Popen | None = None,
                       log: Path | None = None) -> dict:
-        """Poll a flow run until it is terminal; fail early if the process meant to run it died."""
+        """Poll a flow run until it is terminal; fail early if the process meant to run it died. A poll without
+        an answer (see ``get``) is followed by the next one, as the UI does; the run must still end in ``timeout``."""
         deadline = time.monotonic() + timeout
+        state = "never answered"
         while time.monotonic() < deadline:
-            run = self.get(f"/flow_runs/{flow_run_id}")
-            if run["state"]["type"] in TERMINAL:
-                return run
+            r = self._get_once(f"/flow_runs/{flow_run_id}")
+            if r is not None:
+                r.raise_for_status()
+                run = r.json()
+                state = run["state"]["type"]
+                if state in TERMINAL:
+                    return run
             if watch is not None and watch.poll() is not None:
                 raise AssertionError(f"process exited {watch.returncode} before flow run {flow_run_id} finished: "
                                      f"{tail(log)}")
             time.sleep(1)
-        raise AssertionError(f"flow run {flow_run_id} not finished after {timeout} s "
-                             f"(state {run['state']['type']}): {tail(log)}")
+        raise AssertionError(f"flow run {flow_run_id} not finished after {timeout} s (state {state}; missed polls: "
+                             f"{self.missed_polls}): {tail(log)}\nserver log: {self.log_tail()}")
 
 
 def tail(path: Path | None, n: int = 4000) -> str:
