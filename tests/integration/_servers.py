@@ -128,15 +128,15 @@ class PrefectServer:
         embedded SQLite server can stall past a request's timeout while a flow run it serves trains and writes
         states (seen once in CI: a 30 s read timeout polling a flow run). Reads only; a POST is never repeated."""
         for _ in range(attempts):
-            r = self._get_once(path)
-            if r is not None:
-                r.raise_for_status()
-                return r.json()
+            body = self._get_once(path)
+            if body is not None:
+                return body
         raise AssertionError(f"GET {path}: no answer in {attempts} tries ({self.missed_polls[-attempts:]}); "
                              f"server log: {self.log_tail()}")
 
-    def _get_once(self, path: str) -> httpx.Response | None:
-        """One GET; None (noted in ``missed_polls``) for a timeout, a dropped connection or a 5xx."""
+    def _get_once(self, path: str) -> dict | None:
+        """One GET's JSON body; None (noted in ``missed_polls``) for a timeout, a dropped connection or a 5xx; a 4xx
+        raises."""
         t0 = time.monotonic()
         try:
             r = httpx.get(f"{self.api}{path}", timeout=30)
@@ -146,7 +146,8 @@ class PrefectServer:
         if r.status_code >= 500:
             self.missed_polls.append(f"GET {path}: HTTP {r.status_code} after {time.monotonic() - t0:.1f} s")
             return None
-        return r
+        r.raise_for_status()
+        return r.json()
 
     def deployment(self, flow: str, name: str) -> dict:
         return self.get(f"/deployments/name/{flow}/{name}")
@@ -162,10 +163,8 @@ class PrefectServer:
         deadline = time.monotonic() + timeout
         state = "never answered"
         while time.monotonic() < deadline:
-            r = self._get_once(f"/flow_runs/{flow_run_id}")
-            if r is not None:
-                r.raise_for_status()
-                run = r.json()
+            run = self._get_once(f"/flow_runs/{flow_run_id}")
+            if run is not None:
                 state = run["state"]["type"]
                 if state in TERMINAL:
                     return run
