@@ -45,7 +45,8 @@ def main(argv=None) -> dict:
             f"run.work_dir={a.work_dir}", f"run.mlflow_tracking_uri=sqlite:///{a.work_dir}/mlflow.db",
             "run.experiment=bench-methods", f"run.registered_model=bench-{name}", f"name=bench-{name}"]
         rc = load_config("configs/default.yaml", over)
-        summaries = alignment_campaign(CampaignConfig(name=f"bench-{name}", rounds=a.rounds, round=rc))
+        summaries = alignment_campaign(CampaignConfig(name=f"bench-{name}", rounds=a.rounds, round=rc,
+                                                      final_evaluation=False))["rounds"]
         raw[name] = summaries
         row = {"method": name, "round 0": summaries[0]["before"]["pass_rate_strict"]}
         for i, s in enumerate(summaries, 1):

@@ -1,18 +1,31 @@
 """N alignment rounds in a row: round k samples from round k-1's checkpoint (on-policy iterative alignment).
 
 Each round gets its own disjoint prompt shard (``prompts.shard`` = k of ``rounds``), as SPPO's per-iteration prompt
-sets require (the held-out set stays the same), and its MLflow parent run is tagged with the campaign name and round index, so reports can follow
-the campaign's trend.
+sets require (the held-out set stays the same), and its MLflow parent run is tagged with the campaign name and round
+index, so reports can follow the campaign's trend.
+
+With ``final_evaluation`` (default), the campaign ends by evaluating its starting policy and its last checkpoint on
+the same held-out prompts (and IFEval's, when the round config enables it) and comparing them prompt by prompt: the
+campaign's effect with a confidence interval, in an MLflow run of its own (tag ``alignflow.campaign_final``).
+Intermediate rounds may then run with ``evaluate.enabled: false`` (no promotion gate, chain ``checkpoint``), which
+saves two evaluations per round.
 """
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 from pydantic import Field
 
 from prefect import flow, get_run_logger
 
+from pipeline_lib.artifacts import sha256_json
 from pipeline_lib.config import RoundConfig, Section
-from flows.round import alignment_round
+from pipeline_lib.models import ResolvedModel
+from flows.round import IFEVAL_METRICS, REPORT_METRICS, alignment_round, evaluate_both, paired_metrics
+
+FINAL_TAG = "alignflow.campaign_final"
 
 
 class CampaignConfig(Section):
@@ -21,15 +34,19 @@ class CampaignConfig(Section):
     chain: str = Field("checkpoint", pattern="^(checkpoint|champion)$",
                        description="next round's policy: the last checkpoint, or the registry's champion")
     disjoint_prompts: bool = Field(True, description="each round trains on its own prompt shard (SPPO)")
+    final_evaluation: bool = Field(True, description="compare the starting policy with the last checkpoint on the "
+                                                     "same prompts (paired confidence intervals)")
     round: RoundConfig = RoundConfig()
 
 
 @flow(name="alignment-campaign", log_prints=True)
-def alignment_campaign(config: CampaignConfig) -> list[dict]:
-    """Run ``config.rounds`` rounds, each from the previous round's model."""
+def alignment_campaign(config: CampaignConfig) -> dict:
+    """Run ``config.rounds`` rounds, each from the previous round's model; returns ``{"rounds": [round summaries],
+    "final": start-vs-last comparison or None}``."""
     logger = get_run_logger()
     summaries = []
     policy = config.round.policy
+    t0 = time.perf_counter()
     for k in range(config.rounds):
         rc = config.round.model_copy(deep=True)
         rc.name = f"{config.name}-r{k + 1}"
@@ -42,4 +59,52 @@ def alignment_campaign(config: CampaignConfig) -> list[dict]:
         policy = (s["checkpoint_path"] if config.chain == "checkpoint"
                   else f"models:/{rc.run.registered_model}@champion")
         logger.info("round %d/%d: %s", k + 1, config.rounds, s["promotion_reason"])
-    return summaries
+    rounds_wall_s = time.perf_counter() - t0
+    final = _final_comparison(config, summaries, rounds_wall_s) if config.final_evaluation else None
+    return {"rounds": summaries, "final": final}
+
+
+def _final_comparison(config: CampaignConfig, summaries: list[dict], rounds_wall_s: float) -> dict:
+    """The campaign's starting policy against its last checkpoint, on the same prompts, in an MLflow run of its
+    own."""
+    from flows.round import _flow_run_id, _with_storage
+    from pipeline_lib.lineage import RoundLineage
+    from tasks.common import RoundContext
+    from tasks.evaluate import benchmark_data_task, ifeval_task
+    from tasks.stages import evaluate_task, prompts_task, resolve_model_task
+
+    logger = get_run_logger()
+    rc = config.round
+    work_dir = str(Path(rc.run.work_dir).resolve())
+    prompts_t, evaluate_t, data_t, ifeval_t = _with_storage(work_dir, prompts_task, evaluate_task,
+                                                            benchmark_data_task, ifeval_task)
+    lineage = RoundLineage(rc.run.mlflow_tracking_uri, rc.run.experiment)
+    start: ResolvedModel = resolve_model_task(rc.policy)
+    last = summaries[-1]
+    final = ResolvedModel(ref=f"checkpoint:{last['artifacts']['checkpoint'][:12]}", path=last["checkpoint_path"],
+                          sha256=last["artifacts"]["checkpoint"])
+    key = sha256_json({"campaign_final": config.name, "start": start.sha256, "final": final.sha256,
+                       "evaluate": rc.evaluate.model_dump(), "prompts": rc.prompts.model_dump()})[:20]
+    parent = lineage.start_round(key, f"{config.name} final", {"evaluate": rc.evaluate.model_dump(),
+                                                               "rounds": config.rounds},
+                                 tags={FINAL_TAG: config.name, "prefect.flow_run_id": _flow_run_id(),
+                                       "alignflow.start_sha256": start.sha256, "alignflow.final_sha256": final.sha256})
+    ctx = RoundContext(work_dir=work_dir, tracking_uri=rc.run.mlflow_tracking_uri, experiment=rc.run.experiment,
+                       parent_run_id=parent, flow_run_id=_flow_run_id(), quiet=rc.run.quiet,
+                       gpu_limit=rc.run.gpu_concurrency_limit)
+    heldout = prompts_t(rc.prompts, "heldout", rc.prompts.n_heldout, ctx)
+    before, after, paired = evaluate_both(rc, start, final, heldout, ctx, evaluate_t, data_t, ifeval_t,
+                                          roles=("start", "final"))
+    metrics = REPORT_METRICS + ([f"ifeval.{k}" for k in IFEVAL_METRICS] if rc.evaluate.ifeval.enabled else [])
+    out = {"mlflow_run_id": parent, "start": start.ref, "final": final.ref, "rounds_wall_s": rounds_wall_s,
+           "before": {k: before[k] for k in metrics}, "after": {k: after[k] for k in metrics}, "paired": paired}
+    lineage.finish_round(parent, {**{f"start.{k}": v for k, v in out["before"].items()},
+                                  **{f"final.{k}": v for k, v in out["after"].items()},
+                                  "rounds_wall_s": rounds_wall_s, **paired_metrics(paired)})
+    for m in ("ifeval.prompt_level_strict", "pass_rate_strict"):
+        if m in paired:
+            p = paired[m]
+            logger.info("campaign %s, start -> final: %s %+.3f [%+.3f, %+.3f]", config.name, m, p["delta"],
+                        p["ci_low"], p["ci_high"])
+            break
+    return out

@@ -1,8 +1,9 @@
-"""Evaluate any model on AlpacaEval 2 and MT-Bench: ``evaluate_model("tiny:0")``, ``alignflow evaluate --model REF``.
+"""Evaluate any model on AlpacaEval 2, MT-Bench and IFEval: ``evaluate_model("tiny:0")``,
+``alignflow evaluate --model REF``.
 
 Stages (cached, retryable Prefect tasks; one child MLflow run each under a parent run "evaluate <model>"):
 benchmark data -> generate (AlpacaEval + MT-Bench turn 1 in shared vLLM calls, then turn 2) -> AlpacaEval
-annotate / MT-Bench judge. The parent run gets the headline metrics; Prefect gets a summary table per benchmark
+annotate / MT-Bench judge; IFEval generates greedily and scores with the rules judge's checkers (no LLM judge). The parent run gets the headline metrics; Prefect gets a summary table per benchmark
 and the MT-Bench category chart (markdown with the PNG inline).
 """
 
@@ -22,10 +23,12 @@ from pipeline_lib.evaluation import benchmarks as bm
 from pipeline_lib.judges.base import build_judge
 from pipeline_lib.lineage import RoundLineage
 from tasks.common import RoundContext
-from tasks.evaluate import alpaca_annotate_task, benchmark_data_task, generate_task, mt_bench_judge_task
+from tasks.evaluate import alpaca_annotate_task, benchmark_data_task, generate_task, ifeval_task, mt_bench_judge_task
 
 ALPACA_KEYS = ["win_rate", "standard_error", "length_controlled_winrate", "lc_standard_error", "discrete_win_rate",
                "n_wins", "n_wins_base", "n_draws", "n_total", "avg_length", "n_no_verdict"]
+IFEVAL_KEYS = ["prompt_level_strict", "instruction_level_strict", "prompt_level_loose", "instruction_level_loose",
+               "truncated_share", "mean_tokens", "n_prompts"]
 MT_BENCH_KEYS = ["score", "n_valid", "n_invalid", "turn_1.score", "turn_1.n_invalid", "turn_2.score",
                  "turn_2.n_invalid"]
 
@@ -35,13 +38,17 @@ def _data_fingerprint(cfg: bc.EvaluateModelConfig, benchmarks: list[str]) -> str
     a, m = cfg.alpaca_eval, cfg.mt_bench
     files = [a.eval_set, a.instruction_difficulty] if "alpaca_eval" in benchmarks else []
     files += [m.questions, m.reference_answers, m.judge_prompts] if "mt_bench" in benchmarks else []
+    if "ifeval" in benchmarks:
+        from pipeline_lib.evaluation.ifeval import resolve_source
+
+        files.append(resolve_source(cfg.ifeval.data))
     return sha256_json({f: sha256_file(Path(f)) for f in files if f and Path(f).is_file()})
 
 
 @flow(name="evaluate-model", log_prints=True)
 def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None, judge: dict[str, Any] | None = None,
                    config: bc.EvaluateModelConfig = bc.EvaluateModelConfig()) -> dict:
-    """AlpacaEval 2 and/or MT-Bench for one model reference (``tiny:0``, ``models:/name@alias``, a directory, a hub
+    """AlpacaEval 2, MT-Bench and/or IFEval for one model reference (``tiny:0``, ``models:/name@alias``, a directory, a hub
     id). ``benchmarks`` / ``judge`` default to the config's. Returns the metrics per benchmark and artifact paths."""
     from flows.round import _flow_run_id, _with_storage
     from tasks.stages import resolve_model_task
@@ -52,10 +59,11 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
     judge = dict(judge or config.judge)
     prompts = config.mt_bench.judge_prompts or (bc.shared_mt_bench_file("judge_prompts.jsonl")
                                                  if "mt_bench" in benchmarks else None)
-    judge_cfgs = {b: bc.judge_options(judge, b, prompts) for b in benchmarks}  # bad options fail before any model
+    # bad options fail before any model
+    judge_cfgs = {b: bc.judge_options(judge, b, prompts) for b in benchmarks if b in bc.JUDGED}
     work_dir = str(Path(config.run.work_dir).resolve())
-    data_t, gen_t, ann_t, mt_t = _with_storage(work_dir, benchmark_data_task, generate_task, alpaca_annotate_task,
-                                               mt_bench_judge_task)
+    data_t, gen_t, ann_t, mt_t, ife_t = _with_storage(work_dir, benchmark_data_task, generate_task,
+                                                      alpaca_annotate_task, mt_bench_judge_task, ifeval_task)
     lineage = RoundLineage(config.run.mlflow_tracking_uri, config.run.experiment)
     model = resolve_model_task(model_ref)
     judge_id = {b: build_judge(c).identity() for b, c in judge_cfgs.items()}
@@ -72,8 +80,12 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
     # each task gets only the settings it reads, so its cache key does not change with the others'
     a_cfg = config.alpaca_eval if "alpaca_eval" in benchmarks else None
     m_cfg = config.mt_bench if "mt_bench" in benchmarks else None
-    data = data_t(a_cfg, m_cfg, _data_fingerprint(config, benchmarks), ctx)
-    outputs = gen_t(model, data, config.alpaca_eval, config.mt_bench, ctx, config.tensor_parallel_size)
+    i_cfg = config.ifeval if "ifeval" in benchmarks else None
+    data = data_t(a_cfg, m_cfg, _data_fingerprint(config, benchmarks), ctx, i_cfg)
+    outputs = {}
+    if a_cfg is not None or m_cfg is not None:
+        outputs = gen_t(model, {b: r for b, r in data.items() if b in bc.JUDGED}, config.alpaca_eval,
+                        config.mt_bench, ctx, config.tensor_parallel_size)
     summary: dict[str, Any] = {"model": model.ref, "model_sha256": model.sha256, "mlflow_run_id": parent,
                                "benchmarks": {}}
     parent_metrics: dict[str, float] = {}
@@ -97,9 +109,23 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
         png = base64.b64encode(Path(man["chart"]["path"]).read_bytes()).decode()
         create_markdown_artifact(key="mt-bench-chart", markdown=f"![MT-Bench per category](data:image/png;base64,"
                                                                  f"{png})", description="MT-Bench per category")
+    if "ifeval" in benchmarks:
+        ev = ife_t(model, data["ifeval"], config.ifeval, ctx, tensor_parallel_size=config.tensor_parallel_size)
+        man = read_manifest(ev.path)
+        m = man["metrics"]
+        summary["benchmarks"]["ifeval"] = {"metrics": m, "by_instruction": man["by_instruction"],
+                                           "responses": ev.path}
+        parent_metrics.update({f"ifeval.{k}": m[k] for k in IFEVAL_KEYS if k in m})
+        create_table_artifact(key="ifeval-summary", table=bm.summary_rows({"metrics": m}, IFEVAL_KEYS),
+                              description=f"IFEval of {model.ref} ({m['n_prompts']} prompts, greedy, "
+                                          f"<= {config.ifeval.max_tokens} new tokens)")
+        create_table_artifact(key="ifeval-by-instruction",
+                              table=[{"instruction": k, **v} for k, v in man["by_instruction"].items()],
+                              description=f"IFEval of {model.ref}: accuracy per instruction type")
     summary["wall_s"] = time.perf_counter() - t0
     lineage.finish_round(parent, {**parent_metrics, "evaluate_wall_s": summary["wall_s"]})
-    logger.info("evaluated %s: %s", model.ref, {k: v for k, v in parent_metrics.items() if "score" in k or "win" in k})
+    logger.info("evaluated %s: %s", model.ref, {k: v for k, v in parent_metrics.items()
+                                              if "score" in k or "win" in k or k.endswith("level_strict")})
     return summary
 
 

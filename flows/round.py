@@ -14,16 +14,19 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.filesystems import LocalFileSystem
 
-from pipeline_lib.artifacts import ArtifactRef, read_manifest, sha256_json
+from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, sha256_json
 from pipeline_lib.config import PromotionConfig, RoundConfig
 from pipeline_lib.lineage import RoundLineage
 from pipeline_lib.models import ResolvedModel
 from tasks.common import RoundContext, results_dir
+from tasks.evaluate import benchmark_data_task, ifeval_task
 from tasks.stages import (annotate_task, collect_task, dataset_pairs_task, evaluate_task, hybrid_candidates_task,
                           hybrid_pair_task, hybrid_prompts_task, pair_task, prompts_task, resolve_model_task,
                           train_task)
 
 REPORT_METRICS = ["pass_rate_strict", "instruction_pass_rate", "mean_score", "mean_tokens"]
+IFEVAL_METRICS = ["prompt_level_strict", "instruction_level_strict", "prompt_level_loose", "instruction_level_loose",
+                  "truncated_share"]
 
 
 def _flow_run_id() -> str:
@@ -32,16 +35,39 @@ def _flow_run_id() -> str:
     return str(flow_run.id or "")
 
 
-def decide_promotion(cfg: PromotionConfig, champion: dict, candidate: dict) -> tuple[bool, str]:
-    """Promote when the candidate beats the champion by more than the margin on the configured metric."""
+def decide_promotion(cfg: PromotionConfig, champion: dict, candidate: dict,
+                     paired: dict | None = None) -> tuple[bool, str]:
+    """Promote when the candidate beats the champion on the configured metric: by more than the margin
+    (``rule: margin``), or with the lower bound of the paired confidence interval of candidate - champion above the
+    margin (``rule: significant``; ``paired[metric]`` from :mod:`pipeline_lib.evaluation.paired`)."""
     c, k = champion[cfg.metric], candidate[cfg.metric]
     if not cfg.enabled:
         return False, "promotion disabled"
     if c != c or k != k:  # NaN: not evaluated
         return False, "champion kept: candidate not evaluated"
+    if cfg.rule == "significant":
+        p = (paired or {}).get(cfg.metric)
+        if p is None:
+            return False, f"champion kept: no paired comparison of {cfg.metric}"
+        ci = (f"{cfg.metric} {p['delta']:+.3f}, {p['confidence']:.0%} CI [{p['ci_low']:+.3f}, "
+              f"{p['ci_high']:+.3f}]")
+        if p["ci_low"] > cfg.margin:
+            return True, f"promoted: {ci}, lower bound > margin {cfg.margin}"
+        return False, f"champion kept: {ci}, lower bound <= margin {cfg.margin}"
     if k > c + cfg.margin:
         return True, f"promoted: {cfg.metric} {k:.3f} > champion {c:.3f} + margin {cfg.margin}"
     return False, f"champion kept: {cfg.metric} {k:.3f} <= champion {c:.3f} + margin {cfg.margin}"
+
+
+def paired_metrics(paired: dict[str, dict]) -> dict[str, float]:
+    """MLflow metric names of the paired comparisons: ``paired.<metric>.delta`` / ``.ci_low`` / ``.ci_high`` /
+    ``.p_value`` (prompt-level metrics only)."""
+    out = {}
+    for metric, p in paired.items():
+        for k in ("delta", "ci_low", "ci_high", "p_value"):
+            if p.get(k) is not None:
+                out[f"paired.{metric}.{k}"] = float(p[k])
+    return out
 
 
 def _champion(lineage: RoundLineage, config: RoundConfig, policy: ResolvedModel, parent: str):
@@ -57,6 +83,31 @@ def _champion(lineage: RoundLineage, config: RoundConfig, policy: ResolvedModel,
     if (mv.tags or {}).get("alignflow.sha256") == policy.sha256:
         return policy, str(mv.version)
     return resolve(f"models:/{name}/{mv.version}"), str(mv.version)
+
+
+def evaluate_both(config: RoundConfig, champion: ResolvedModel, candidate: ResolvedModel, heldout: ArtifactRef,
+                  ctx: RoundContext, evaluate_t, data_t, ifeval_t,
+                  roles: tuple[str, str] = ("champion", "candidate")) -> tuple[dict, dict, dict]:
+    """Champion and candidate on the same held-out prompts (and IFEval's when enabled): (champion metrics,
+    candidate metrics, paired comparisons by metric name), on as many GPUs as the policy needs to sample
+    (collect.tensor_parallel_size)."""
+    from pipeline_lib.evaluation.heldout import paired_heldout
+    from pipeline_lib.evaluation.ifeval import paired_ifeval
+
+    ev, tp = config.evaluate, config.collect.tensor_parallel_size
+    stats = {"n_resamples": ev.n_resamples, "confidence": ev.confidence}
+    before = evaluate_t(champion, heldout, config.judge, ev, ctx, role=roles[0], tensor_parallel_size=tp)
+    after = evaluate_t(candidate, heldout, config.judge, ev, ctx, role=roles[1], tensor_parallel_size=tp)
+    m_before, m_after = read_manifest(before.path)["metrics"], read_manifest(after.path)["metrics"]
+    paired = paired_heldout(read_table(before), read_table(after), **stats)
+    if ev.ifeval.enabled:
+        data = data_t(None, None, "", ctx, ev.ifeval)["ifeval"]
+        ib = ifeval_t(champion, data, ev.ifeval, ctx, role=roles[0], tensor_parallel_size=tp)
+        ia = ifeval_t(candidate, data, ev.ifeval, ctx, role=roles[1], tensor_parallel_size=tp)
+        for m, ref in ((m_before, ib), (m_after, ia)):
+            m.update({f"ifeval.{k}": v for k, v in read_manifest(ref.path)["metrics"].items()})
+        paired.update({f"ifeval.{k}": v for k, v in paired_ifeval(read_table(ib), read_table(ia), **stats).items()})
+    return m_before, m_after, paired
 
 
 def _with_storage(work_dir: str, *tasks):
@@ -75,9 +126,9 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     t_start = time.perf_counter()
     work_dir = str(Path(config.run.work_dir).resolve())
     (prompts_t, collect_t, annotate_t, pair_t, train_t, evaluate_t, dataset_pairs_t, hybrid_prompts_t,
-     hybrid_candidates_t, hybrid_pair_t) = _with_storage(
+     hybrid_candidates_t, hybrid_pair_t, data_t, ifeval_t) = _with_storage(
         work_dir, prompts_task, collect_task, annotate_task, pair_task, train_task, evaluate_task, dataset_pairs_task,
-        hybrid_prompts_task, hybrid_candidates_task, hybrid_pair_task)
+        hybrid_prompts_task, hybrid_candidates_task, hybrid_pair_task, benchmark_data_task, ifeval_task)
 
     lineage = RoundLineage(config.run.mlflow_tracking_uri, config.run.experiment)  # also sets the registry URI
     policy_ref = config.policy
@@ -122,19 +173,17 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
 
     # The champion: the registry's current one, or (first round) the policy this round started from.
     champion, champion_version = _champion(lineage, config, policy, parent)
-    m_before = m_after = {k: float("nan") for k in REPORT_METRICS}
-    if config.evaluate.enabled:  # on as many GPUs as the policy needs to sample (collect.tensor_parallel_size)
-        tp = config.collect.tensor_parallel_size
-        before = evaluate_t(champion, heldout, config.judge, config.evaluate, ctx, role="champion",
-                            tensor_parallel_size=tp)
-        after = evaluate_t(candidate, heldout, config.judge, config.evaluate, ctx, role="candidate",
-                           tensor_parallel_size=tp)
-        m_before, m_after = read_manifest(before.path)["metrics"], read_manifest(after.path)["metrics"]
+    metrics = REPORT_METRICS + ([f"ifeval.{k}" for k in IFEVAL_METRICS] if config.evaluate.ifeval.enabled else [])
+    m_before = m_after = {k: float("nan") for k in metrics}
+    paired: dict[str, dict] = {}
+    if config.evaluate.enabled:
+        m_before, m_after, paired = evaluate_both(config, champion, candidate, heldout, ctx, evaluate_t, data_t,
+                                                   ifeval_t)
 
     version = lineage.register_checkpoint(parent, checkpoint, config.run.registered_model, "candidate",
                                           tags={"alignflow.round_key": round_key, "alignflow.parent_policy":
                                                 policy.sha256})
-    promoted, reason = decide_promotion(config.promotion, m_before, m_after)
+    promoted, reason = decide_promotion(config.promotion, m_before, m_after, paired)
     if promoted:
         lineage.set_alias(config.run.registered_model, "champion", version)
     summary = {
@@ -145,8 +194,9 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
         "champion_version": version if promoted else champion_version,
         "promoted": promoted,
         "promotion_reason": reason,
-        "before": {k: m_before[k] for k in REPORT_METRICS},
-        "after": {k: m_after[k] for k in REPORT_METRICS},
+        "before": {k: m_before[k] for k in metrics},
+        "after": {k: m_after[k] for k in metrics},
+        "paired": paired,
         "artifacts": {n: r.sha256 for n, r in {**data, "prompts_heldout": heldout, "pairs": pairs,
                                                "checkpoint": checkpoint}.items()},
         "checkpoint_path": checkpoint.path,
@@ -161,7 +211,8 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     lineage.finish_round(parent, {**{f"before.{k}": v for k, v in summary["before"].items()},
                                   **{f"after.{k}": v for k, v in summary["after"].items()},
                                   "round_wall_s": summary["wall_s"], "stage_s": stage_s,
-                                  "overhead_share": summary["overhead_share"], "promoted": float(promoted)},
+                                  "overhead_share": summary["overhead_share"], "promoted": float(promoted),
+                                  **paired_metrics(paired)},
                          tags={**{f"alignflow.artifact.{n}": sha for n, sha in summary["artifacts"].items()},
                                "alignflow.promoted": str(promoted).lower(), "alignflow.promotion_reason": reason})
     from pipeline_lib.report.publish import log_round_charts
@@ -173,8 +224,10 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
         logger.warning("round charts not drawn: %s", e)
     create_table_artifact(
         key="round-summary",
-        table=[{"metric": k, "champion": summary["before"][k], "candidate": summary["after"][k]}
-               for k in REPORT_METRICS],
+        table=[{"metric": k, "champion": summary["before"][k], "candidate": summary["after"][k],
+                **({"delta": paired[k]["delta"], "ci_low": paired[k]["ci_low"], "ci_high": paired[k]["ci_high"],
+                    "mcnemar_p": paired[k]["p_value"]} if k in paired else {})}
+               for k in metrics],
         description=f"Held-out metrics, champion vs candidate, round {config.name}: {reason}",
     )
     ui = os.environ.get("ALIGNFLOW_MLFLOW_UI", "http://127.0.0.1:5000")

@@ -1,4 +1,4 @@
-"""Prefect tasks of the benchmark evaluation (AlpacaEval 2, MT-Bench): call the stage functions of
+"""Prefect tasks of the benchmark evaluation (AlpacaEval 2, MT-Bench, IFEval): call the stage functions of
 :mod:`pipeline_lib.evaluation.benchmarks`, record each stage as a child MLflow run, return artifact references.
 
 The evaluation data (eval set, questions) is an artifact of its own and is logged as an input dataset of the stages
@@ -14,13 +14,14 @@ from prefect import task
 from pipeline_lib.artifacts import ArtifactRef, read_manifest
 from pipeline_lib.evaluation import bench_config as bc
 from pipeline_lib.evaluation import benchmarks as bm
+from pipeline_lib.evaluation import ifeval as ife
 from pipeline_lib.models import ResolvedModel
 from tasks.common import RoundContext, gpu_slot, task_options
 
 
 @task(**task_options("benchmark-data"))
 def benchmark_data_task(a: bc.AlpacaEvalConfig | None, m: bc.MTBenchConfig | None, data_fingerprint: str,
-                        ctx: RoundContext) -> dict[str, ArtifactRef]:
+                        ctx: RoundContext, i: ife.IFEvalOptions | None = None) -> dict[str, ArtifactRef]:
     """The evaluation data of the benchmarks given (None: skipped) as artifacts (``data_fingerprint``: the local
     files' hashes, part of the cache key)."""
     out = {}
@@ -29,6 +30,8 @@ def benchmark_data_task(a: bc.AlpacaEvalConfig | None, m: bc.MTBenchConfig | Non
     if m is not None:
         out["mt_bench"] = bm.load_mt_bench_set(m.questions, m.n_questions, ctx.work_dir, m.question_ids,
                                                m.subset_seed)
+    if i is not None:
+        out["ifeval"] = ife.load_ifeval_set(i, ctx.work_dir)
     return out
 
 
@@ -74,4 +77,17 @@ def mt_bench_judge_task(answers: ArtifactRef, questions: ArtifactRef, judge: dic
     run_id = ctx.record("mt_bench-judge", {"answers": answers, "eval_data": questions}, {"ratings": ref},
                         {"judge": man["judge"], "reference_answers": man["reference_answers"]})
     RoundLineage(ctx.tracking_uri, ctx.experiment).c.log_artifact(run_id, man["chart"]["path"], "charts")
+    return ref
+
+
+@task(**task_options("ifeval"))
+def ifeval_task(model: ResolvedModel, data: ArtifactRef, opts: ife.IFEvalOptions, ctx: RoundContext,
+                role: str = "model", tensor_parallel_size: int = 1) -> ArtifactRef:
+    """Greedy IFEval responses of ``model``, scored (the four IFEval accuracies and the truncated share in the
+    manifest); ``role`` names the child run (champion / candidate in a round)."""
+    with gpu_slot(ctx.gpu_limit):
+        ref = ife.evaluate_ifeval(model, data, opts, ctx.work_dir, quiet=ctx.quiet,
+                                  tensor_parallel_size=tensor_parallel_size)
+    ctx.record(f"ifeval-{role}", {"model": model, "eval_data": data}, {"evaluation": ref},
+               {"model": model.ref, **read_manifest(ref.path)["config"]})
     return ref

@@ -18,13 +18,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def format_campaign(summaries: list[dict]) -> str:
+def format_campaign(result: dict) -> str:
+    summaries = result["rounds"]
     keys = list(summaries[0]["after"])
     head = "| round | " + " | ".join(keys) + " | promoted |"
     lines = [head, "|" + "---|" * (len(keys) + 2)]
     lines.append("| 0 (start) | " + " | ".join(f"{summaries[0]['before'][k]:.3f}" for k in keys) + " | |")
     for i, s in enumerate(summaries, 1):
         lines.append(f"| {i} | " + " | ".join(f"{s['after'][k]:.3f}" for k in keys) + f" | {s['promoted']} |")
+    final = result.get("final")
+    if final:
+        from pipeline_lib.commands.run import format_paired
+
+        lines.append(f"\nstart ({final['start']}) -> final ({final['final']}), same prompts; the rounds took "
+                     f"{final['rounds_wall_s'] / 60:.1f} min:")
+        lines += [f"  {k}: {final['before'][k]:.3f} -> {final['after'][k]:.3f}" for k in final["before"]]
+        lines += format_paired(final["paired"])
+        lines.append(f"MLflow run {final['mlflow_run_id']}")
     return "\n".join(lines)
 
 
@@ -40,6 +50,6 @@ def run(args) -> int:
     resolve(cfg.round.policy)  # pre-flight: a missing model fails before Prefect starts
     from flows.campaign import alignment_campaign
 
-    summaries = alignment_campaign(cfg)
-    print(json.dumps(summaries, indent=2) if args.json else format_campaign(summaries))
+    result = alignment_campaign(cfg)
+    print(json.dumps(result, indent=2) if args.json else format_campaign(result))
     return 0

@@ -25,11 +25,30 @@ def format_table(summary: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += format_paired(summary.get("paired") or {})
     p = summary["pairs"]
     lines.append(f"\npairs: {p['n_pairs']} from {p['n_prompts']} prompts ({p['n_prompts_tied']} tied, dropped); "
                  f"candidate: {summary['registered_model']} v{summary['candidate_version']}; "
                  f"wall time {summary['wall_s']:.0f} s; MLflow run {summary['mlflow_run_id']}")
     return "\n".join(lines)
+
+
+def format_paired(paired: dict[str, dict]) -> list[str]:
+    """The paired comparisons as lines under the table: ``after - before`` with its confidence interval, and for
+    prompt-level metrics the prompts gained and lost and McNemar's exact p-value."""
+    from pipeline_lib.evaluation.paired import PairedResult
+
+    if not paired:
+        return []
+    any_ = next(iter(paired.values()))
+    lines = [f"\npaired on the same prompts (after - before, {any_['confidence']:.0%} CI from "
+             f"{any_['n_resamples']:,} bootstrap resamples of the prompts):"]
+    width = max(len(k) for k in paired)
+    for metric, p in paired.items():
+        r = PairedResult(**p)
+        verdict = "  (CI excludes 0)" if r.excludes_zero() else ""
+        lines.append(f"  {metric.ljust(width)}  n={r.n:<4} {r.describe()}{verdict}")
+    return lines
 
 
 def preflight_data(cfg) -> None:

@@ -1,4 +1,4 @@
-"""What an AlpacaEval 2 / MT-Bench evaluation is asked to do: the typed config (``alignflow evaluate --config``, the
+"""What an AlpacaEval 2 / MT-Bench / IFEval evaluation is asked to do: the typed config (``alignflow evaluate --config``, the
 Prefect UI's form for ``evaluate_model``) and the per-benchmark judge options."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline_lib.config import RunConfig, Section
 from pipeline_lib.evaluation import mt_bench as mtb
+from pipeline_lib.evaluation.ifeval import IFEvalOptions
 
-BENCHMARKS = ("alpaca_eval", "mt_bench")
-Benchmark = Literal["alpaca_eval", "mt_bench"]
+BENCHMARKS = ("alpaca_eval", "mt_bench", "ifeval")
+Benchmark = Literal["alpaca_eval", "mt_bench", "ifeval"]
+JUDGED = ("alpaca_eval", "mt_bench")  # the benchmarks that need an LLM judge (IFEval's checkers are rules)
 
 
 class GenerationConfig(Section):
@@ -57,13 +59,14 @@ class EvaluateModelConfig(Section):
     """Parameters of ``evaluate_model`` (the Prefect UI's typed form) and of ``alignflow evaluate --config``."""
 
     name: str = "evaluate"
-    benchmarks: list[Benchmark] = Field(default_factory=lambda: list(BENCHMARKS))
+    benchmarks: list[Benchmark] = Field(default_factory=lambda: list(JUDGED))
     judge: dict[str, Any] = Field(default_factory=dict, description="the LLM judge (kind: llm); the protocol is "
                                                                     "set per benchmark")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs vLLM shards the evaluated model over (as the "
                                                            "round's collect.tensor_parallel_size; gpu_count >= it)")
     alpaca_eval: AlpacaEvalConfig = AlpacaEvalConfig()
     mt_bench: MTBenchConfig = MTBenchConfig()
+    ifeval: IFEvalOptions = IFEvalOptions()
     run: RunConfig = RunConfig(experiment="alignflow-evaluate")
 
     @field_validator("judge")

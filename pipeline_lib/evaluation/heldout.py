@@ -25,11 +25,16 @@ from pipeline_lib.stage import done, output_dir
 METRICS = ["pass_rate_strict", "instruction_pass_rate", "mean_score", "mean_tokens", "mean_chars"]
 
 
-def heldout_metrics(df) -> dict[str, float]:
+def follows_strict(df) -> list[list[bool]]:
+    """Per row, IFEval strict verdicts of its instructions."""
     from pipeline_lib.judges.rules import follow_list
 
-    follows = [follow_list(r.prompt, r.response, list(r.instruction_id_list), json.loads(r.kwargs), loose=False)
-               for r in df.itertuples(index=False)]
+    return [follow_list(r.prompt, r.response, list(r.instruction_id_list), json.loads(r.kwargs), loose=False)
+            for r in df.itertuples(index=False)]
+
+
+def heldout_metrics(df) -> dict[str, float]:
+    follows = follows_strict(df)
     per_prompt = [all(f) for f in follows]
     flat = [x for f in follows for x in f]
     return {
@@ -51,7 +56,7 @@ def evaluate_heldout(model: ResolvedModel, prompts: ArtifactRef, judge_cfg: Mapp
     from transformers import AutoTokenizer
 
     judge = build_judge(judge_cfg)
-    config = {**cfg.model_dump(), "judge": judge.identity(), "seed": seed}
+    config = {**cfg.model_dump(include={"max_tokens", "temperature"}), "judge": judge.identity(), "seed": seed}
     inputs = {"model": model.sha256, "prompts": prompts.sha256}
     out = output_dir(work_dir, "evaluate", inputs, config)
     if done(out):
@@ -70,6 +75,34 @@ def evaluate_heldout(model: ResolvedModel, prompts: ArtifactRef, judge_cfg: Mapp
             df["score"] = judge_in_chunks(judge.score, items_from_rows(df), progress, group=lambda it: it.prompt)
     finally:
         judge.close()
-    metrics = {**heldout_metrics(df), "tokens_per_s": stats["generated_tokens"] / max(stats["generate_s"], 1e-9)}
+    metrics = {**heldout_metrics(df), "tokens_per_s": stats["generated_tokens"] / max(stats["generate_s"], 1e-9),
+               "truncated_share": float((gen["finish_reason"] == "length").mean())}
+    df["follow_strict"] = follows_strict(df)  # per prompt, for paired comparisons of two models (paired_heldout)
     return write_table(df, out, name="evaluation", producer="evaluate", inputs=inputs, config=config,
                        extra={"metrics": metrics, "model": {"ref": model.ref, "sha256": model.sha256}})
+
+
+# The held-out metrics a promotion can compare, and how: (per-prompt numerator, denominator or None, binary).
+PAIRED = {
+    "pass_rate_strict": (lambda d: np.array([all(f) for f in d["follow_strict"]], dtype=int), None, True),
+    "instruction_pass_rate": (lambda d: np.array([sum(f) for f in d["follow_strict"]]),
+                              lambda d: np.array([len(f) for f in d["follow_strict"]]), False),
+    "mean_score": (lambda d: d["score"].to_numpy(dtype=float), None, False),
+}
+
+
+def paired_heldout(before, after, n_resamples: int = 2000, seed: int = 0,
+                   confidence: float = 0.95) -> dict[str, dict]:
+    """Champion (``before``) and candidate (``after``) evaluation tables on the same held-out prompts (matched by
+    ``prompt_id``): each of :data:`PAIRED` with its paired bootstrap CI, pass rates with the exact McNemar test."""
+    from pipeline_lib.evaluation.paired import compare
+
+    a = after.set_index("prompt_id")
+    if set(a.index) != set(before["prompt_id"]):
+        raise ValueError("paired held-out comparison: the two evaluations hold different prompts")
+    a = a.loc[before["prompt_id"]].reset_index()
+    out = {}
+    for metric, (num, den, binary) in PAIRED.items():
+        out[metric] = compare(metric, num(before), num(a), den(before) if den else None, binary=binary,
+                              n_resamples=n_resamples, seed=seed, confidence=confidence).as_dict()
+    return out
