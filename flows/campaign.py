@@ -22,10 +22,9 @@ from prefect import flow, get_run_logger
 
 from pipeline_lib.artifacts import sha256_json
 from pipeline_lib.config import RoundConfig, Section
+from pipeline_lib.lineage import CAMPAIGN_FINAL_TAG
 from pipeline_lib.models import ResolvedModel
 from flows.round import IFEVAL_METRICS, REPORT_METRICS, alignment_round, evaluate_both, paired_metrics
-
-FINAL_TAG = "alignflow.campaign_final"
 
 
 class CampaignConfig(Section):
@@ -87,7 +86,7 @@ def _final_comparison(config: CampaignConfig, summaries: list[dict], rounds_wall
                        "evaluate": rc.evaluate.model_dump(), "prompts": rc.prompts.model_dump()})[:20]
     parent = lineage.start_round(key, f"{config.name} final", {"evaluate": rc.evaluate.model_dump(),
                                                                "rounds": config.rounds},
-                                 tags={FINAL_TAG: config.name, "prefect.flow_run_id": _flow_run_id(),
+                                 tags={CAMPAIGN_FINAL_TAG: config.name, "prefect.flow_run_id": _flow_run_id(),
                                        "alignflow.start_sha256": start.sha256, "alignflow.final_sha256": final.sha256})
     ctx = RoundContext(work_dir=work_dir, tracking_uri=rc.run.mlflow_tracking_uri, experiment=rc.run.experiment,
                        parent_run_id=parent, flow_run_id=_flow_run_id(), quiet=rc.run.quiet,

@@ -25,6 +25,7 @@ STAGE_TAG = "alignflow.stage"
 FLOW_RUN_TAG = "prefect.flow_run_id"
 PATH_TAG = "alignflow.path"
 SHA_TAG = "alignflow.sha256"
+CAMPAIGN_FINAL_TAG = "alignflow.campaign_final"  # the run comparing a campaign's first policy with its last checkpoint
 
 
 def client(tracking_uri: str | None = None):

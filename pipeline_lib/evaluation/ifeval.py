@@ -108,7 +108,7 @@ def _validate(rows: list[tuple[int, dict]], where: str) -> pd.DataFrame:
         except ValueError as e:
             raise ValueError(f"{where} row {n}: {e}") from None
         out.append({"key": str(row.get("key", n)), "prompt": row["prompt"], "instruction_id_list": ids,
-                    "kwargs": json.dumps(kwargs)})
+                    "kwargs": json.dumps(kwargs, sort_keys=True)})
     if not out:
         raise ValueError(f"{where}: no rows")
     df = pd.DataFrame(out, columns=COLUMNS)

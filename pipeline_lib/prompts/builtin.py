@@ -1,12 +1,11 @@
-"""The built-in prompt source: a base task ("Write a short poem about honeybees.") plus one or two verifiable
-constraints phrased like IFEval's instruction descriptions, with IFEval instruction ids and kwargs, so the
-``rules`` judge can score responses.
+"""The built-in prompt source: a base task ("Write a short poem about honeybees.") plus one to three verifiable
+constraints of the 25 IFEval instruction types (:mod:`pipeline_lib.prompts.constraints`: kwargs drawn at random,
+several phrasings of our own each), with IFEval instruction ids and kwargs, so the ``rules`` judge can score
+responses.
 
-The constraints are the ones a small (~135M) instruction model can sometimes satisfy (word limits, lower case, no
-commas, an end phrase, a keyword, a bullet count, a title, ...): a reward that is never earned teaches nothing.
 Train and held-out prompts draw on disjoint topic pools, so held-out scores measure constraint following on unseen
-tasks. Each split has len(TASK_TEMPLATES) x 25 = 150 base tasks; a split's first 150 prompts use distinct base
-tasks.
+tasks. Each split has len(TASK_TEMPLATES) x 25 = 500 base tasks; a split's first 500 prompts use distinct base
+tasks. No prompt copies IFEval's text (see the constraints module), so IFEval stays a held-out benchmark.
 """
 
 from __future__ import annotations
@@ -14,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from typing import Callable, Literal
+from typing import Literal
 
 import pandas as pd
 
 from pipeline_lib.artifacts import sha256_json
+from pipeline_lib.prompts.constraints import CONSTRAINTS, compatible
 
 TASK_TEMPLATES = [
     "Write a short paragraph about {}.",
@@ -27,6 +27,21 @@ TASK_TEMPLATES = [
     "Describe {} to a ten-year-old.",
     "Give some practical advice about {}.",
     "Write a short story that involves {}.",
+    "Write a blog post about {}.",
+    "Write an email to a friend about {}.",
+    "Write a short speech about {}.",
+    "Write a diary entry about {}.",
+    "Write a product description for a book about {}.",
+    "Write a dialogue between two classmates about {}.",
+    "Write a song about {}.",
+    "List some interesting facts about {}.",
+    "Write a short essay about {}.",
+    "Write a riddle about {}.",
+    "Write an advertisement for a class about {}.",
+    "Summarize what a beginner should know about {}.",
+    # yes/no questions: the only tasks the fixed-sentence reply (detectable_format:constrained_response) goes with
+    "Is it worth learning about {}?",
+    "Would you recommend a school trip about {}?",
 ]
 
 TOPICS = {
@@ -46,99 +61,9 @@ TOPICS = {
     ],
 }
 
-END_PHRASES = ["Is there anything else I can help with?", "Any other questions?", "That is all.",
-               "Thank you for reading."]
-KEYWORDS = ["simple", "important", "example", "because", "today", "happy", "together", "future"]
-FORBIDDEN = ["very", "really", "thing", "good", "many", "also"]
-
-# A constraint maker draws kwargs from an rng and returns (instruction_id, kwargs, sentence for the prompt).
-Constraint = tuple[str, dict, str]
-CONSTRAINTS: dict[str, Callable[[random.Random], Constraint]] = {}
-# Constraints of the same group are never combined (they conflict, or two length limits confuse).
-GROUPS = {"change_case:english_lowercase": "case", "change_case:english_capital": "case",
-          "length_constraints:number_words": "length", "length_constraints:number_sentences": "length",
-          "detectable_format:number_bullet_lists": "length"}
-
-
-def constraint(iid: str):
-    def deco(fn: Callable[[random.Random], tuple[dict, str]]):
-        CONSTRAINTS[iid] = lambda rng: (iid, *fn(rng))
-        return fn
-
-    return deco
-
-
-@constraint("length_constraints:number_words")
-def _number_words(rng):
-    relation, n = rng.choice([("less than", 20), ("less than", 30), ("less than", 40), ("less than", 50),
-                              ("less than", 80), ("at least", 10), ("at least", 20), ("at least", 40)])
-    return {"relation": relation, "num_words": n}, f"Answer with {relation} {n} words."
-
-
-@constraint("change_case:english_lowercase")
-def _lowercase(rng):
-    return {}, ("Your entire response should be in English, and in all lowercase letters. "
-                "No capital letters are allowed.")
-
-
-@constraint("change_case:english_capital")
-def _capital(rng):
-    return {}, "Your entire response should be in English, and in all capital letters."
-
-
-@constraint("punctuation:no_comma")
-def _no_comma(rng):
-    return {}, "In your entire response, refrain from the use of any commas."
-
-
-@constraint("startend:end_checker")
-def _end_phrase(rng):
-    phrase = rng.choice(END_PHRASES)
-    return {"end_phrase": phrase}, (f"Finish your response with this exact phrase {phrase} "
-                                    "No other words should follow this phrase.")
-
-
-@constraint("keywords:existence")
-def _keywords(rng):
-    words = sorted(rng.sample(KEYWORDS, rng.choice([1, 2])))
-    quoted = " and ".join(f'"{w}"' for w in words)
-    return {"keywords": words}, f"Include the keyword{'s' if len(words) > 1 else ''} {quoted} in the response."
-
-
-@constraint("keywords:forbidden_words")
-def _forbidden(rng):
-    words = sorted(rng.sample(FORBIDDEN, 2))
-    return {"forbidden_words": words}, f'Do not include the words "{words[0]}" or "{words[1]}" in the response.'
-
-
-@constraint("detectable_format:number_bullet_lists")
-def _bullets(rng):
-    n = rng.randint(2, 5)
-    return {"num_bullets": n}, (f"Your answer must contain exactly {n} bullet points. "
-                                "Use the markdown bullet points such as:\n* This is point 1.\n* This is point 2")
-
-
-@constraint("detectable_format:title")
-def _title(rng):
-    return {}, "Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>."
-
-
-@constraint("length_constraints:number_sentences")
-def _sentences(rng):
-    relation, n = rng.choice([("less than", 3), ("less than", 4), ("less than", 6), ("at least", 2),
-                              ("at least", 3)])
-    return {"relation": relation, "num_sentences": n}, f"Your response should contain {relation} {n} sentences."
-
-
-@constraint("detectable_content:postscript")
-def _postscript(rng):
-    return {"postscript_marker": "P.S."}, ("At the end of your response, please explicitly add a postscript "
-                                           "starting with P.S.")
-
-
-@constraint("startend:quotation")
-def _quotation(rng):
-    return {}, "Wrap your entire response with double quotation marks."
+# How many constraints a prompt carries: IFEval's 541 prompts have one (56%), two (33%) or three (11%).
+N_CONSTRAINTS = [(1, 0.5), (2, 0.35), (3, 0.15)]
+Constraint = tuple[str, dict, str]  # (instruction id, kwargs, sentence for the prompt)
 
 
 def base_tasks(split: str) -> list[str]:
@@ -152,14 +77,19 @@ def _rng(seed: int, split: str, purpose: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def _draw_constraints(rng: random.Random) -> list[Constraint]:
+def _draw_constraints(rng: random.Random, task: str) -> list[Constraint]:
+    """One to three mutually compatible constraints that fit ``task`` (see ``constraints.GROUPS``)."""
     ids = sorted(CONSTRAINTS)
-    first = rng.choice(ids)
-    chosen = [first]
-    if rng.random() < 0.5:
-        compatible = [i for i in ids if i != first and (GROUPS.get(i) is None or GROUPS.get(i) != GROUPS.get(first))]
-        chosen.append(rng.choice(compatible))
-    return [CONSTRAINTS[i](rng) for i in chosen]
+    n = rng.choices([k for k, _ in N_CONSTRAINTS], weights=[w for _, w in N_CONSTRAINTS])[0]
+    chosen: list[str] = []
+    for _ in range(n):
+        options = [i for i in ids if CONSTRAINTS[i].fits(task) and (not chosen or compatible(chosen, i))]
+        if not options:
+            break
+        chosen.append(rng.choice(options))
+        if CONSTRAINTS[chosen[0]].alone:
+            break
+    return [(i, *CONSTRAINTS[i].make(rng, task)) for i in chosen]
 
 
 def generate_prompts(n: int, seed: int, split: Literal["train", "heldout"]) -> pd.DataFrame:
@@ -174,7 +104,7 @@ def generate_prompts(n: int, seed: int, split: Literal["train", "heldout"]) -> p
     for i in range(n):
         task = tasks[i % len(tasks)]
         for _ in range(100):  # redraw the rare duplicate (same task and constraints) so prompt ids are unique
-            cons = sorted(_draw_constraints(rng), key=lambda c: "\n" in c[2])  # a multi-line example goes last
+            cons = sorted(_draw_constraints(rng, task), key=lambda c: "\n" in c[2])  # a multi-line example goes last
             prompt = " ".join([task, *(text for _, _, text in cons)])
             if prompt not in seen:
                 break

@@ -1,4 +1,5 @@
-"""The report's pictures as PNG: metric trend over rounds, chosen-vs-rejected distributions, training curves.
+"""The report's pictures as PNG: metric trend over rounds, paired differences with their confidence intervals,
+chosen-vs-rejected distributions, training curves.
 
 Every chart is a plain function of a table or a mapping (no MLflow, no Prefect), built on ``matplotlib.figure.Figure``
 directly rather than ``pyplot``: no global figure registry to leak memory in a long-running worker, no GUI backend,
@@ -31,6 +32,8 @@ TREND_METRICS: list[tuple[str, tuple[str, ...], str]] = [
     ("lc_win_rate", ("lc_win_rate", "length_controlled_win_rate", "length_controlled_winrate",
                      "alpaca_eval.length_controlled_winrate", "alpaca_eval.lc_win_rate"), "AlpacaEval 2 LC win rate"),
     ("mt_bench_score", ("mt_bench_score", "mt_bench", "mt_bench.score"), "MT-Bench score (1-10)"),
+    ("ifeval_prompt_strict", ("ifeval.prompt_level_strict",), "IFEval prompt-level strict"),
+    ("ifeval_instruction_strict", ("ifeval.instruction_level_strict",), "IFEval instruction-level strict"),
     ("mean_tokens", ("mean_tokens",), "mean response tokens"),
 ]
 
@@ -43,6 +46,8 @@ TRAIN_CURVES: list[tuple[str, str]] = [
 ]
 
 _ALIASES = {canonical: names for canonical, names, _ in TREND_METRICS}
+TREND_NAMES = _ALIASES
+TREND_METRICS_LABELS = [(canonical, label) for canonical, _, label in TREND_METRICS]
 
 CHAMPION, CANDIDATE = "#8c8c8c", "#1f77b4"
 CHOSEN, REJECTED = "#2ca02c", "#d62728"
@@ -209,4 +214,29 @@ def training_chart(history: Mapping[str, Sequence[tuple[int, float]]]) -> Figure
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    return fig
+
+
+def paired_chart(rows: Sequence[tuple[str, float, float, float]], title: str = "") -> Figure:
+    """A forest plot: one row per comparison ``(label, delta, ci_low, ci_high)``, the difference after - before as a
+    dot with its confidence interval as a bar, and a line at 0. An interval clear of 0 is drawn in colour (green
+    above, red below), one that crosses it in grey: the picture says which differences are more than noise."""
+    if not rows:
+        raise ValueError("paired chart: no comparisons")
+    fig = Figure(figsize=(7.5, 0.5 + 0.42 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(rows))[::-1]
+    for yi, (label, d, lo, hi) in zip(y, rows):
+        color = CHOSEN if lo > 0 else REJECTED if hi < 0 else CHAMPION
+        ax.plot([lo, hi], [yi, yi], "-", color=color, linewidth=3, solid_capstyle="butt")
+        ax.plot([d], [yi], "o", color=color, markersize=6)
+        ax.annotate(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]", (hi, yi), xytext=(6, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    ax.axvline(0, color="#444", linewidth=0.8)
+    ax.set_yticks(y, [r[0] for r in rows], fontsize=9)
+    lo_all, hi_all = min(r[2] for r in rows), max(r[3] for r in rows)
+    span = max(hi_all - lo_all, 1e-3)
+    ax.set_xlim(min(lo_all, 0) - 0.05 * span, max(hi_all, 0) + 0.45 * span)  # room for the labels
+    ax.set_xlabel("after - before (95% CI)" if not title else title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
     return fig

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline_lib.lineage import CAMPAIGN_FINAL_TAG as FINAL_TAG
 from pipeline_lib.lineage import ROUND_KEY, SHA_TAG, STAGE_TAG
 
 CAMPAIGN_TAG = "alignflow.campaign"
@@ -100,6 +101,15 @@ class ChainEntry:
 
 
 @dataclass
+class FinalComparison:
+    """A campaign's starting policy against its last checkpoint (flows/campaign.py: tag alignflow.campaign_final)."""
+
+    run_id: str
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+@dataclass
 class ReportData:
     title: str
     target: str
@@ -109,6 +119,7 @@ class ReportData:
     lineage: list[ChainEntry]
     registry: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    final: FinalComparison | None = None
 
 
 def check_store(tracking_uri: str) -> None:
@@ -299,4 +310,17 @@ def collect_report(target: str, tracking_uri: str) -> ReportData:
     return ReportData(title=title, target=target, tracking_uri=tracking_uri,
                       experiment=c.get_experiment(parents[0].info.experiment_id).name, rounds=rounds,
                       lineage=lineage_chain(rounds[-1].candidate_sha, producers),
-                      registry=registry_versions(c, registered) if registered else [], notes=notes)
+                      registry=registry_versions(c, registered) if registered else [], notes=notes,
+                      final=final_comparison(c, target))
+
+
+def final_comparison(c, campaign: str) -> FinalComparison | None:
+    """The latest start-vs-last comparison run of ``campaign`` (None for a single round or an older campaign)."""
+    if "'" in campaign or "\\" in campaign:
+        return None
+    exps = [e.experiment_id for e in c.search_experiments()]
+    runs = c.search_runs(exps, filter_string=f"tags.`{FINAL_TAG}` = '{campaign}'",
+                         order_by=["attributes.start_time DESC"], max_results=1) if exps else []
+    if not runs:
+        return None
+    return FinalComparison(run_id=runs[0].info.run_id, metrics=dict(runs[0].data.metrics), tags=dict(runs[0].data.tags))

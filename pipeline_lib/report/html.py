@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 from matplotlib.figure import Figure
 
 from pipeline_lib.report import charts
-from pipeline_lib.report.collect import STAGE_ORDER, ChainEntry, ReportData, RoundData, StageRun
+from pipeline_lib.report.collect import STAGE_ORDER, ChainEntry, FinalComparison, ReportData, RoundData, StageRun
 
 # Stage metrics worth a glance in the stage table (the rest stay in MLflow).
 STAGE_HIGHLIGHTS: dict[str, list[str]] = {
@@ -145,6 +145,27 @@ def _stage_rows(r: RoundData) -> list[list[str]]:
     return rows
 
 
+def _ci_cells(metrics: Mapping[str, float], name: str) -> list[str]:
+    """The paired comparison of metric ``name`` (MLflow ``paired.<name>.*``): its CI and McNemar p, or dashes."""
+    lo, hi = metrics.get(f"paired.{name}.ci_low"), metrics.get(f"paired.{name}.ci_high")
+    ci = _td(f"[{lo:+.3f}, {hi:+.3f}]", "num " + ("up" if lo > 0 else "down" if hi < 0 else "muted"),
+             metric=f"paired.{name}.ci", value=f"{lo!r},{hi!r}") if lo is not None and hi is not None else _td("–")
+    p = metrics.get(f"paired.{name}.p_value")
+    return [ci, _metric_td(metrics, f"paired.{name}.p_value") if p is not None else _td("–", "num")]
+
+
+def _paired_rows(metrics: Mapping[str, float]) -> list[tuple[str, float, float, float]]:
+    """``(metric, delta, ci_low, ci_high)`` of every paired comparison logged in ``metrics``, in logging order."""
+    names = [k[len("paired."):-len(".delta")] for k in metrics if k.startswith("paired.") and k.endswith(".delta")]
+    return [(n, metrics[f"paired.{n}.delta"], metrics[f"paired.{n}.ci_low"], metrics[f"paired.{n}.ci_high"])
+            for n in names if f"paired.{n}.ci_low" in metrics and f"paired.{n}.ci_high" in metrics]
+
+
+def _paired_chart(metrics: Mapping[str, float], alt: str) -> str:
+    rows = [r for r in _paired_rows(metrics) if r[0] != "mean_tokens"]
+    return _img(charts.paired_chart(rows), alt) if rows else ""
+
+
 def round_section(r: RoundData, open_: bool) -> str:
     parts = [f'<details {"open" if open_ else ""}><summary>Round {r.round_index}: {escape(r.name)} '
              f'<span class="muted small">({escape(r.status.lower())}, run {escape(r.run_id)})</span></summary>']
@@ -152,10 +173,11 @@ def round_section(r: RoundData, open_: bool) -> str:
     for c, label in _present_metrics([r]):
         kb, ka = _metric_key(r.metrics, "before", c), _metric_key(r.metrics, "after", c)
         mrows.append([_td(escape(label)), _metric_td(r.metrics, kb), _metric_td(r.metrics, ka),
-                      _delta_td(r.metrics.get(kb), r.metrics.get(ka))])
+                      _delta_td(r.metrics.get(kb), r.metrics.get(ka)), *_ci_cells(r.metrics, ka[len("after."):])])
     if mrows:
-        parts.append("<h3>Held-out evaluation</h3>" + _table(["metric", "champion (before)", "candidate (after)",
-                                                               "delta"], mrows, "round-metrics"))
+        parts.append("<h3>Evaluation: champion and candidate on the same prompts</h3>" + _table(
+            ["metric", "champion (before)", "candidate (after)", "delta", "95% CI of delta (paired)",
+             "McNemar p"], mrows, "round-metrics") + _paired_chart(r.metrics, f"{r.name} paired differences"))
     reason = r.tags.get("alignflow.promotion_reason")
     if reason:
         parts.append(f"<p><b>Promotion:</b> {escape(reason)}</p>")
@@ -169,6 +191,27 @@ def round_section(r: RoundData, open_: bool) -> str:
     if r.problems:
         parts.append("".join(f'<p class="small muted">{escape(p)}</p>' for p in r.problems))
     return "".join(parts) + "</details>"
+
+
+def final_section(final: FinalComparison | None) -> str:
+    """A campaign's effect: its first policy against its last checkpoint on the same prompts."""
+    if final is None:
+        return ""
+    m = final.metrics
+    rows = []
+    for c, label in charts.TREND_METRICS_LABELS:
+        name = next((n for n in charts.TREND_NAMES[c] if f"start.{n}" in m), None)
+        if name is None:
+            continue
+        rows.append([_td(escape(label)), _metric_td(m, f"start.{name}"), _metric_td(m, f"final.{name}"),
+                     _delta_td(m.get(f"start.{name}"), m.get(f"final.{name}")), *_ci_cells(m, name)])
+    wall = m.get("rounds_wall_s")
+    head = (f"<h2>Campaign: start vs final</h2><p class='small muted'>The campaign's starting policy and its last "
+            f"checkpoint on the same prompts (run {_code(final.run_id)}); intervals are paired bootstrap intervals "
+            f"over prompts, p the exact McNemar test on the prompts one model passes and the other fails."
+            + (f" The rounds took {wall / 60:.1f} min." if wall else "") + "</p>")
+    return head + _table(["metric", "start", "final", "delta", "95% CI of delta (paired)", "McNemar p"], rows,
+                         "final-metrics") + _paired_chart(m, "campaign start vs final")
 
 
 def lineage_section(chain: Sequence[ChainEntry]) -> str:
@@ -220,7 +263,7 @@ def render(data: ReportData) -> str:
     body = [f"<h1>alignflow report: {escape(data.title)}</h1>",
             f"<p class='meta'>MLflow <code>{escape(data.tracking_uri)}</code> · experiment "
             f"<b>{escape(data.experiment)}</b> · {len(data.rounds)} round(s) · generated {now}</p>", notes,
-            summary_section(data), trend_section(data), "<h2>Round details</h2>",
+            final_section(data.final), summary_section(data), trend_section(data), "<h2>Round details</h2>",
             *(round_section(r, i == len(data.rounds) - 1) for i, r in enumerate(data.rounds)),
             lineage_section(data.lineage), registry_section(data), config_section(data.rounds)]
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>alignflow: {escape(data.title)}"

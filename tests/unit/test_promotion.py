@@ -65,3 +65,44 @@ def test_negative_margin_is_rejected_at_load():
 
     with pytest.raises(ConfigError, match="promotion.margin"):
         load_config(None, ["promotion.margin=-0.1"])
+
+
+def _p(delta: float, lo: float, hi: float) -> dict:
+    return {"metric": "pass_rate_strict", "n": 100, "before": 0.4, "after": 0.4 + delta, "delta": delta,
+            "ci_low": lo, "ci_high": hi, "confidence": 0.95, "n_resamples": 2000}
+
+
+@pytest.mark.parametrize("lo, margin, promoted", [
+    (0.01, 0.0, True),     # the whole interval above 0
+    (-0.01, 0.0, False),   # a gain of +0.08 whose interval still reaches below 0: noise cannot be ruled out
+    (0.03, 0.02, True),    # lower bound above the margin
+    (0.02, 0.02, False),   # at the margin is not above it
+])
+def test_significant_rule_promotes_only_when_the_lower_bound_clears_the_margin(lo, margin, promoted):
+    ok, reason = decide_promotion(PromotionConfig(rule="significant", margin=margin), _m(0.40), _m(0.48),
+                                  {"pass_rate_strict": _p(0.08, lo, 0.15)})
+    assert ok is promoted
+    assert f"pass_rate_strict +0.080, 95% CI [{lo:+.3f}, +0.150]" in reason
+    assert reason.startswith("promoted:" if promoted else "champion kept:")
+
+
+def test_significant_rule_keeps_the_champion_a_margin_rule_would_replace():
+    """Same numbers, two rules: +0.08 beats margin 0, but its interval [-0.01, +0.15] does not exclude 0."""
+    paired = {"pass_rate_strict": _p(0.08, -0.01, 0.15)}
+    assert decide_promotion(PromotionConfig(rule="margin"), _m(0.40), _m(0.48), paired)[0]
+    assert not decide_promotion(PromotionConfig(rule="significant"), _m(0.40), _m(0.48), paired)[0]
+
+
+def test_significant_rule_without_a_paired_comparison_keeps_the_champion():
+    assert decide_promotion(PromotionConfig(rule="significant"), _m(0.4), _m(0.9), {}) == (
+        False, "champion kept: no paired comparison of pass_rate_strict")
+
+
+def test_ifeval_metric_needs_ifeval_enabled():
+    from pipeline_lib.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="promotion.metric=ifeval.prompt_level_strict needs evaluate.ifeval"):
+        load_config(None, ["promotion.metric=ifeval.prompt_level_strict"])
+    cfg = load_config(None, ["promotion.metric=ifeval.prompt_level_strict", "evaluate.ifeval.enabled=true",
+                             "promotion.rule=significant"])
+    assert cfg.promotion.rule == "significant"
