@@ -45,9 +45,7 @@ TRAIN_CURVES: list[tuple[str, str]] = [
     ("wpo_weight", "WPO weight (mean)"),
 ]
 
-_ALIASES = {canonical: names for canonical, names, _ in TREND_METRICS}
-TREND_NAMES = _ALIASES
-TREND_METRICS_LABELS = [(canonical, label) for canonical, _, label in TREND_METRICS]
+TREND_NAMES = {canonical: names for canonical, names, _ in TREND_METRICS}
 
 CHAMPION, CANDIDATE = "#8c8c8c", "#1f77b4"
 CHOSEN, REJECTED = "#2ca02c", "#d62728"
@@ -72,7 +70,7 @@ def _grid(n: int, ncols: int = 3, panel: tuple[float, float] = (4.2, 3.0)) -> tu
 
 def resolve_metric(metrics: Mapping[str, float], prefix: str, canonical: str) -> float | None:
     """The value of ``prefix + name`` for the first accepted name of ``canonical`` present in ``metrics``."""
-    for name in _ALIASES[canonical]:
+    for name in TREND_NAMES[canonical]:
         if prefix + name in metrics:
             return float(metrics[prefix + name])
     return None

@@ -199,8 +199,8 @@ def final_section(final: FinalComparison | None) -> str:
         return ""
     m = final.metrics
     rows = []
-    for c, label in charts.TREND_METRICS_LABELS:
-        name = next((n for n in charts.TREND_NAMES[c] if f"start.{n}" in m), None)
+    for c, names, label in charts.TREND_METRICS:
+        name = next((n for n in names if f"start.{n}" in m), None)
         if name is None:
             continue
         rows.append([_td(escape(label)), _metric_td(m, f"start.{name}"), _metric_td(m, f"final.{name}"),

@@ -1,0 +1,120 @@
+"""Does a campaign recipe make the model better? Run it and measure, paired, on IFEval and the builtin held-out set.
+
+    python -m bench.efficacy --config configs/ifeval_campaign.yaml --label winner [key=value overrides]
+    python -m bench.efficacy --table          # the sweep table from every result file
+
+One campaign (``flows/campaign.py``) with its final start-vs-last comparison, IFEval on (541 prompts, greedy): the
+rounds' wall time (what the 60-minute budget counts), then IFEval's four metrics and the held-out metrics before
+and after with paired 95% confidence intervals and McNemar's exact test, the truncated share, pairs and tied prompts
+per round. Failures are recorded too (status ``failed`` with the error), because a sweep table that keeps only its
+successes says nothing. Results: ``docs/bench-results/efficacy/<label>.json`` (``--results`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import machine, md_table
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "bench-results" / "efficacy"
+IFEVAL = ["prompt_level_strict", "instruction_level_strict", "prompt_level_loose", "instruction_level_loose"]
+
+
+def _load_avg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def run(config: str, label: str, overrides: list[str], results: Path) -> dict:
+    from flows.campaign import CampaignConfig, alignment_campaign
+    from pipeline_lib.config import load_config
+
+    over = list(overrides) + ["final_evaluation=true", "round.evaluate.ifeval.enabled=true"]
+    cfg = load_config(config, over, model=CampaignConfig)
+    record = {"label": label, "config_file": config, "overrides": list(overrides), "config": cfg.model_dump(),
+              "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_avg_start": _load_avg()}
+    t0 = time.perf_counter()
+    try:
+        result = alignment_campaign(cfg)
+        final = result["final"]
+        record.update(status="ok", rounds_wall_s=final["rounds_wall_s"], before=final["before"],
+                      after=final["after"], paired=final["paired"], mlflow_run_id=final["mlflow_run_id"],
+                      rounds=[{"pairs": s["pairs"], "stage_s": s.get("stage_s"), "wall_s": s["wall_s"],
+                               "checkpoint": s["artifacts"]["checkpoint"]} for s in result["rounds"]])
+    except Exception as e:  # noqa: BLE001  (a failed recipe is a row of the sweep table too)
+        record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+    record["total_wall_s"] = time.perf_counter() - t0
+    record["load_avg_end"] = _load_avg()
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{label}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(path)
+    return record
+
+
+def _ci(p: dict | None) -> str:
+    if not p:
+        return ""
+    return f"{p['delta']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+
+
+def table(results: Path) -> str:
+    rows = []
+    for f in sorted(results.glob("*.json"), key=lambda p: p.stat().st_mtime):
+        r = json.loads(f.read_text())
+        c = r["config"]["round"]
+        row = {"label": r["label"], "status": r["status"], "rounds": r["config"]["rounds"],
+               "prompts/round": c["prompts"]["n_train"], "K": c["collect"]["k"],
+               "max_tokens": c["collect"]["max_tokens"], "lr": c["train"]["learning_rate"],
+               "epochs": c["train"]["epochs"], "beta": c["train"]["beta"], "loss": c["train"]["loss"],
+               "overrides": " ".join(r["overrides"])}
+        if r["status"] == "ok":
+            p = r["paired"]
+            row.update({
+                "IFEval prompt strict": f"{r['before']['ifeval.prompt_level_strict']:.3f} -> "
+                                        f"{r['after']['ifeval.prompt_level_strict']:.3f}",
+                "Δ (95% CI)": _ci(p.get("ifeval.prompt_level_strict")),
+                "McNemar p": f"{p['ifeval.prompt_level_strict']['p_value']:.3g}",
+                "held-out strict Δ (95% CI)": _ci(p.get("pass_rate_strict")),
+                "truncated": f"{r['before']['ifeval.truncated_share']:.2f} -> {r['after']['ifeval.truncated_share']:.2f}",
+                "pairs": "/".join(str(x["pairs"]["n_pairs"]) for x in r["rounds"]),
+                "rounds min": f"{r['rounds_wall_s'] / 60:.1f}",
+                "load": f"{r['load_avg_start']:.1f}"})
+        else:
+            row["Δ (95% CI)"] = r["error"][:80]
+        rows.append(row)
+    cols = ["label", "status", "rounds", "prompts/round", "K", "max_tokens", "lr", "epochs", "beta", "loss",
+            "overrides", "IFEval prompt strict", "Δ (95% CI)", "McNemar p", "held-out strict Δ (95% CI)", "truncated",
+            "pairs", "rounds min", "load"]
+    return md_table(rows, cols)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="campaign YAML")
+    ap.add_argument("--label", help="name of the result file")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--table", action="store_true", help="print the table of every result in --results")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    if a.table:
+        print(table(a.results))
+        return
+    if not a.config or not a.label:
+        ap.error("--config and --label are required (or --table)")
+    r = run(a.config, a.label, a.overrides, a.results)
+    print(json.dumps({k: r.get(k) for k in ("label", "status", "rounds_wall_s", "error")}, default=str))
+    if r["status"] == "ok":
+        print(table(a.results))
+
+
+if __name__ == "__main__":
+    main()
