@@ -17,8 +17,11 @@ VARIANTS: list[tuple[str, dict, dict]] = [
     ("ipo", {"loss": "ipo"}, {}),
     ("hinge", {"loss": "hinge"}, {}),
     ("sppo_hard", {"loss": "sppo_hard"}, {}),
-    ("sppo", {"loss": "sppo", "optimizer": "rmsprop"}, {"strategy": "sppo_winprob"}),
-    ("sail", {"loss": "sail", "optimizer": "rmsprop"}, {}),
+    ("sppo", {"loss": "sppo", "reference": "behavior", "optimizer": "rmsprop"}, {"strategy": "sppo_winprob"}),
+    ("sppo_single", {"loss": "sppo_single", "reference": "behavior", "optimizer": "rmsprop"},
+     {"strategy": "sppo_winprob"}),
+    # SAIL's score term needs pairs of independent samples: (0, 1), (2, 3) of the K = 4, not the best and the worst
+    ("sail", {"loss": "sail", "optimizer": "rmsprop"}, {"strategy": "iid_pairs"}),
     ("dpo_wpo", {"loss": "dpo", "weighting": "wpo"}, {}),
 ]
 

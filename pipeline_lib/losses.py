@@ -230,7 +230,9 @@ def sail_loss(policy_chosen_seq: Tensor, policy_rejected_seq: Tensor, ref_chosen
     metrics = reward_metrics(beta, ratio_w, ratio_l)
     metrics["sail/self_label_entropy"] = -f_self.detach()
     metrics["sail/on_policy"] = on.detach()
-    metrics["sail/score_weight"] = weight.detach()  # what part 3 puts on ∇log π (per side), signed
+    # the size of part 3's coefficient on ∇log π (per side) next to DPO's β·σ(−z) on ∇ρ: the two scales to compare
+    metrics["sail/score_weight"] = weight.detach().abs()
+    metrics["sail/dpo_weight"] = beta * torch.sigmoid(-z.detach())
     return loss_b, metrics
 
 

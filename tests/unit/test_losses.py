@@ -223,7 +223,8 @@ def test_sail_score_terms_by_hand():
     loss.sum().backward()
     assert pc.grad.tolist() == pytest.approx([0.1886943, 0.1143180, -0.4324044], abs=1e-7)
     assert pr.grad.tolist() == pytest.approx([0.2936901, 0.2143180, -0.3786161], abs=1e-7)
-    assert m["sail/score_weight"].tolist() == pytest.approx([-0.2411922, -0.1643180, 0.4055102], abs=1e-7)
+    assert m["sail/score_weight"].tolist() == pytest.approx([0.2411922, 0.1643180, 0.4055102], abs=1e-7)
+    assert m["sail/dpo_weight"].tolist() == pytest.approx([0.0524979, 0.05, 0.0268941], abs=1e-7)
     # one on-policy pair in its batch has no baseline, and off-policy rows neither get nor give one: DPO's gradient
     pc, pr = t(-20.0, -20.0, grad=True), t(-19.0, -20.0, grad=True)
     loss, _ = sail_loss(pc, pr, t(0.0, 0.0), t(0.0, 0.0), beta=0.1, on_policy=torch.tensor([True, False]))
