@@ -68,8 +68,9 @@ class PairsConfig(Section):
     @model_validator(mode="after")
     def _winprob_applies(self) -> "PairsConfig":
         if self.winprob != "authors" and not PAIRINGS[self.strategy].columns:
-            raise ValueError(f"pairs.winprob={self.winprob} applies to win-probability pairings (sppo_winprob, "
-                             f"sppo_all), not pairs.strategy={self.strategy}")
+            users = ", ".join(name for name, spec in PAIRINGS.items() if spec.columns)
+            raise ValueError(f"pairs.winprob={self.winprob} applies to win-probability pairings ({users}), not "
+                             f"pairs.strategy={self.strategy}")
         return self
 
 

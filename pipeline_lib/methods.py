@@ -230,11 +230,12 @@ class MethodConfig(BaseModel):
         validate_method(self)
         spec = LOSSES[self.loss]
         if self.label_smoothing and "label_smoothing" not in spec.options:
-            raise ValueError(f"label_smoothing applies only to loss 'dpo', not {self.loss!r}")
+            raise ValueError(f"train.label_smoothing applies only to train.loss=dpo, not train.loss={self.loss}")
         if "sail" in self.model_fields_set and "sail" not in spec.options:
-            raise ValueError(f"sail options are set but loss is {self.loss!r}, not 'sail'")
+            raise ValueError(f"train.sail options are set but train.loss={self.loss}: they apply to train.loss=sail")
         if "wpo" in self.model_fields_set and self.weighting != "wpo":
-            raise ValueError(f"wpo options are set but weighting is {self.weighting!r}, not 'wpo'")
+            raise ValueError(f"train.wpo options are set but train.weighting={self.weighting}: they apply to "
+                             "train.weighting=wpo")
         return self
 
     def loss_kwargs(self) -> dict:

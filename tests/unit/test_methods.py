@@ -101,3 +101,19 @@ def test_cli_exits_2_with_the_reason():
                         DATASET], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     assert "train.loss=sppo with data.mode=hybrid" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"loss": "ipo", "label_smoothing": 0.1}, "train.label_smoothing applies only to train.loss=dpo"),
+    ({"loss": "dpo", "sail": {"self_label_prob": 0.5}}, "train.sail options are set but train.loss=dpo"),
+    ({"wpo": {"clamp": False}}, "train.wpo options are set but train.weighting=none"),
+    ({"loss": "sppo", "reference": "behavior"}, "needs chosen_winprob, rejected_winprob per pair"),
+    ({"loss": "simpo"}, "train.loss: unknown value 'simpo'"),
+    ({"loss": "dpo", "lr": 1.0}, "lr"),
+    ({"loss": "sail", "sail": {"self_label_prob": 1.5}}, "self_label_prob"),
+    ({"loss": "sail", "sail": {"score_term": "reinforce"}}, "score_term"),
+])
+def test_method_config_rejects_incompatible_options(fields, message):
+    """The trainer validates the same switches without a round around them (``MethodConfig``)."""
+    with pytest.raises(ValueError, match=message):
+        MethodConfig(**fields)
