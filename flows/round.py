@@ -17,6 +17,7 @@ from prefect.filesystems import LocalFileSystem
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, sha256_json
 from pipeline_lib.config import PromotionConfig, RoundConfig
 from pipeline_lib.lineage import RoundLineage
+from pipeline_lib.methods import PAIRINGS
 from pipeline_lib.models import ResolvedModel
 from tasks.common import RoundContext, results_dir
 from tasks.evaluate import benchmark_data_task, ifeval_task
@@ -148,9 +149,11 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     if config.data.mode == "on_policy":
         train_prompts = prompts_t(config.prompts, "train", config.prompts.n_train, ctx)
         generations = collect_t(policy, train_prompts, config.collect, ctx)
-        judgments = annotate_t(generations, config.judge, ctx)
+        data = {"prompts_train": train_prompts, "generations": generations}
+        judgments = generations  # a pairing that reads no verdicts (SAIL-PP's self-labels) skips the judge
+        if PAIRINGS[config.pairs.strategy].needs_judge:
+            judgments = data["judgments"] = annotate_t(generations, config.judge, ctx)
         pairs = pair_t(judgments, config.pairs, ctx)
-        data = {"prompts_train": train_prompts, "generations": generations, "judgments": judgments}
     elif config.data.mode == "off_policy":  # a fixed preference dataset, no collection (off-policy DPO / WPO)
         pairs = dataset_pairs_t(config.data.preference_data, policy, ctx)
         data = {}

@@ -17,8 +17,13 @@ VARIANTS: list[tuple[str, dict, dict]] = [
     ("ipo", {"loss": "ipo"}, {}),
     ("hinge", {"loss": "hinge"}, {}),
     ("sppo_hard", {"loss": "sppo_hard"}, {}),
-    ("sppo", {"loss": "sppo", "optimizer": "rmsprop"}, {"strategy": "sppo_winprob"}),
-    ("sail", {"loss": "sail", "optimizer": "rmsprop"}, {}),
+    ("sppo", {"loss": "sppo", "reference": "behavior", "optimizer": "rmsprop"}, {"strategy": "sppo_winprob"}),
+    ("sppo_single", {"loss": "sppo_single", "reference": "behavior", "optimizer": "rmsprop"},
+     {"strategy": "sppo_winprob"}),
+    # SAIL's score term needs pairs of independent samples: (0, 1), (2, 3) of the K = 4, not the best and the worst
+    ("sail", {"loss": "sail", "optimizer": "rmsprop"}, {"strategy": "iid_pairs"}),
+    # SAIL-PP: policy samples labelled by the policy itself; no judge, so the round skips the annotate stage
+    ("sail_pp", {"loss": "sail", "optimizer": "rmsprop", "sail": {"self_label_prob": 1.0}}, {"strategy": "unlabelled"}),
     ("dpo_wpo", {"loss": "dpo", "weighting": "wpo"}, {}),
 ]
 
@@ -31,7 +36,8 @@ def variant_config(base: RoundConfig, name: str, train: dict, pairs: dict) -> Ro
     data["evaluate"]["enabled"] = False
     if "wpo" not in train:
         data["train"].pop("wpo", None)
-    data["train"].pop("sail", None)
+    if "sail" not in train:
+        data["train"].pop("sail", None)
     return RoundConfig.model_validate(data)
 
 

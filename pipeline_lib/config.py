@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline_lib.evaluation.ifeval import IFEvalOptions
 from pipeline_lib.hybrid import HybridOptions
-from pipeline_lib.losses import MethodConfig, SailOptions, WpoOptions
+from pipeline_lib.methods import PAIRINGS, MethodConfig, SailOptions, WpoOptions, validate_round
 from pipeline_lib.preference_data import PreferenceSource
 from pipeline_lib.prompts.sources import BuiltinPrompts, PromptSource
 
@@ -60,13 +60,24 @@ class CollectConfig(Section):
 
 
 class PairsConfig(Section):
-    strategy: Literal["best_worst", "all_pairs", "sppo_winprob"] = "best_worst"
+    strategy: Literal["best_worst", "all_pairs", "iid_pairs", "sppo_winprob", "sppo_all", "unlabelled"] = "best_worst"
     min_margin: float = Field(0.0, ge=0.0, description="drop pairs whose score gap is not above this (ties always)")
+    winprob: Literal["authors", "pairwise"] = Field(
+        "authors", description="SPPO's P(a > b) from a pairwise judge: authors = LLM-Blender's scores over all K "
+                               "samples (uclaml/SPPO); pairwise = the judge's probability of each pair alone")
+
+    @model_validator(mode="after")
+    def _winprob_applies(self) -> "PairsConfig":
+        if self.winprob != "authors" and not PAIRINGS[self.strategy].columns:
+            users = ", ".join(name for name, spec in PAIRINGS.items() if spec.columns)
+            raise ValueError(f"pairs.winprob={self.winprob} applies to win-probability pairings ({users}), not "
+                             f"pairs.strategy={self.strategy}")
+        return self
 
 
 class TrainConfig(Section):
     # The method switches (ARCHITECTURE: orthogonal options); validated together with pairs.strategy.
-    loss: Literal["dpo", "ipo", "hinge", "sppo", "sppo_hard", "sail"] = "dpo"
+    loss: Literal["dpo", "ipo", "hinge", "sppo", "sppo_single", "sppo_hard", "sail"] = "dpo"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo only: conservative DPO epsilon")
     weighting: Literal["none", "wpo"] = "none"
     wpo: WpoOptions = WpoOptions()
@@ -183,15 +194,16 @@ class RoundConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RoundConfig":
-        self.method()  # incompatible switches fail when the config loads, naming the conflict
+        # incompatible switches fail when the config loads, naming the conflict (rules: pipeline_lib/methods.py);
+        # the round's context first, so a data-mode conflict is named before a pairing one
+        validate_round(MethodConfig.model_construct(**self._method_fields()), data_mode=self.data.mode,
+                       k=self.collect.k, batch_size=self.train.batch_size, min_margin=self.pairs.min_margin)
+        self.method()
         if self.promotion.metric.startswith("ifeval.") and not self.evaluate.ifeval.enabled:
             raise ValueError(f"promotion.metric={self.promotion.metric} needs evaluate.ifeval.enabled=true")
-        if self.data.mode == "off_policy" and self.train.loss == "sppo":
-            raise ValueError("train.loss=sppo needs win probabilities from a judge: not available with "
-                             "data.mode=off_policy (use hybrid, or another loss)")
         return self
 
-    def method(self) -> MethodConfig:
+    def _method_fields(self) -> dict[str, Any]:
         t = self.train
         fields = dict(loss=t.loss, label_smoothing=t.label_smoothing, weighting=t.weighting, reference=t.reference,
                       optimizer=t.optimizer, pairs=self.pairs.strategy)
@@ -201,11 +213,13 @@ class RoundConfig(Section):
             fields["wpo"] = t.wpo
         if t.loss == "sail" or t.sail != SailOptions():
             fields["sail"] = t.sail
+        return fields
+
+    def method(self) -> MethodConfig:
         try:
-            return MethodConfig(**fields)
-        except ValidationError as e:
-            raise ValueError("train: " + "; ".join(err["msg"].removeprefix("Value error, ")
-                                                   for err in e.errors())) from None
+            return MethodConfig(**self._method_fields())
+        except ValidationError as e:  # the rules' messages name the config keys (train.loss, pairs.strategy, …)
+            raise ValueError("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:

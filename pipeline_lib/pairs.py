@@ -1,12 +1,24 @@
 """The pair stage: preference pairs from judged samples.
 
-Strategies (registry ``STRATEGIES``):
+Strategies (registry ``STRATEGIES``; what each produces and which losses accept it: ``methods.PAIRINGS``):
 - ``best_worst``: per prompt, chosen = the highest score, rejected = the lowest; the first sample wins among equal
   scores (deterministic); a prompt whose best and worst scores differ by no more than ``min_margin`` (a tie at 0)
   gives no pair.
 - ``all_pairs``: every ordered pair (i, j) of one prompt's samples with s_i - s_j > min_margin.
-- ``sppo_winprob``: SPPO's pairs: chosen = argmax, rejected = argmin of the estimated win probability
-  P-hat(y_i > pi) (the ``winprob`` column from annotate); both probabilities are kept for the SPPO loss.
+- ``iid_pairs``: samples (0, 1), (2, 3), … of each prompt, each pair ordered by the judge (ties within the margin
+  dropped; with odd K the last sample is unused). Each pair is two independent draws of the policy, which SAIL's
+  score-function term needs (the argmax and argmin of K > 2 samples are not).
+- ``sppo_winprob``: SPPO's pair (uclaml/SPPO ``scripts/compute_prob.py`` lines 83-97): chosen = argmax, rejected =
+  argmin of the estimated win probability P-hat(y_i > pi); every prompt gives a pair, ties included (all samples
+  tied: chosen = rejected = the first sample, whose log-ratio is then regressed to 0), as the code does.
+- ``sppo_all``: SPPO's Algorithm 1 regression over all K samples: every sample appears equally often, so the mean of
+  the ``sppo`` loss over a prompt's rows is (1/K) sum_k (rho_k - eta(P-hat_k - 1/2))^2: pairs (0, 1), (2, 3), … for
+  even K; for odd K the cycle (0, 1), (1, 2), …, (K-1, 0) (each sample twice, 2K sequences instead of K + 1).
+- ``unlabelled``: samples (0, 1), (2, 3), … in sample order, no judge: SAIL-PP labels pairs with the policy itself
+  (the round skips the annotate stage; ``score`` may be absent).
+
+The SPPO strategies carry ``chosen_winprob``/``rejected_winprob`` (P-hat of each side) and ``pair_winprob``
+(P(chosen > rejected), for ``sppo_single``) in the form ``pairs.winprob`` selects (``pipeline_lib/winprob.py``).
 """
 
 from __future__ import annotations
@@ -20,10 +32,12 @@ import pandas as pd
 from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, write_table
 from pipeline_lib.config import PairsConfig
 from pipeline_lib.stage import done, output_dir
+from pipeline_lib.winprob import COLUMNS as WINPROB_COLUMNS
 
 # Per-sample columns carried into the pair rows as chosen_* / rejected_*.
 SIDE_COLUMNS = ["response", "score", "winprob", "behavior_logp_seq", "n_tokens", "sample_index", "response_source"]
 PROMPT_COLUMNS = ["prompt_id", "prompt", "prompt_text"]
+Pick = Callable[[np.ndarray, float], list[tuple[int, int]]]
 
 
 def _best_worst(scores: np.ndarray, min_margin: float) -> list[tuple[int, int]]:
@@ -36,34 +50,81 @@ def _all_pairs(scores: np.ndarray, min_margin: float) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(k) if scores[i] - scores[j] > min_margin]
 
 
-STRATEGIES: dict[str, Callable[[np.ndarray, float], list[tuple[int, int]]]] = {
+def _consecutive(k: int) -> list[tuple[int, int]]:
+    return [(i, i + 1) for i in range(0, k - 1, 2)]
+
+
+def _iid_pairs(scores: np.ndarray, min_margin: float) -> list[tuple[int, int]]:
+    out = []
+    for i, j in _consecutive(len(scores)):
+        if scores[i] - scores[j] > min_margin:
+            out.append((i, j))
+        elif scores[j] - scores[i] > min_margin:
+            out.append((j, i))
+    return out
+
+
+def _sppo_best_worst(winprob: np.ndarray, min_margin: float) -> list[tuple[int, int]]:
+    return [(int(np.argmax(winprob)), int(np.argmin(winprob)))]  # compute_prob.py line 85: no prompt dropped
+
+
+def _sppo_all(winprob: np.ndarray, min_margin: float) -> list[tuple[int, int]]:
+    k = len(winprob)
+    return _consecutive(k) if k % 2 == 0 else [(i, (i + 1) % k) for i in range(k)]
+
+
+def _unlabelled(values: np.ndarray, min_margin: float) -> list[tuple[int, int]]:
+    return _consecutive(len(values))
+
+
+STRATEGIES: dict[str, Pick] = {
     "best_worst": _best_worst,
     "all_pairs": _all_pairs,
-    "sppo_winprob": _best_worst,  # applied to the win probabilities instead of the scores (see KEY_COLUMN)
+    "iid_pairs": _iid_pairs,
+    "sppo_winprob": _sppo_best_worst,
+    "sppo_all": _sppo_all,
+    "unlabelled": _unlabelled,
 }
-# Which per-sample column orders the samples for each strategy.
-KEY_COLUMN = {"best_worst": "score", "all_pairs": "score", "sppo_winprob": "winprob"}
+# Which per-sample column orders the samples for each strategy (None: sample order only; "winprob": the P-hat
+# column of the configured form).
+KEY_COLUMN = {"best_worst": "score", "all_pairs": "score", "iid_pairs": "score", "sppo_winprob": "winprob",
+              "sppo_all": "winprob", "unlabelled": None}
 
 
-def build_pairs(judged: pd.DataFrame, strategy: str, min_margin: float = 0.0) -> tuple[pd.DataFrame, dict]:
+def build_pairs(judged: pd.DataFrame, strategy: str, min_margin: float = 0.0,
+                winprob: str = "authors") -> tuple[pd.DataFrame, dict]:
     """Pure function behind the stage: returns (pairs, counts)."""
     pick = STRATEGIES[strategy]
+    key = KEY_COLUMN[strategy]
+    uses_winprob = key == "winprob"
+    if uses_winprob:  # the configured form's columns, under the names the pairs table and the losses use
+        mean_col, row_col = WINPROB_COLUMNS[winprob]
+        if not {mean_col, row_col} <= set(judged.columns):
+            raise ValueError(f"pairs.strategy={strategy} needs the judged table's {mean_col!r} and {row_col!r} "
+                             "columns (win probabilities from the annotate stage); this table lacks them")
+        judged = judged.drop(columns=[c for c in ("winprob", "winprob_row") if c not in (mean_col, row_col)],
+                             errors="ignore")
+        judged = judged.rename(columns={mean_col: "winprob", row_col: "winprob_row"})
     rows, n_tied = [], 0
     for _, g in judged.groupby("prompt_id", sort=False):
         g = g.sort_values("sample_index").reset_index(drop=True)
-        idx = pick(g[KEY_COLUMN[strategy]].to_numpy(dtype=float), min_margin)
+        values = g[key].to_numpy(dtype=float) if key else np.zeros(len(g))
+        idx = pick(values, min_margin)
         n_tied += not idx
         for i, j in idx:
             row = {c: g.at[0, c] for c in PROMPT_COLUMNS if c in g.columns}
             for side, k in (("chosen", i), ("rejected", j)):
                 row.update({f"{side}_{c}": g.at[k, c] for c in SIDE_COLUMNS if c in g.columns})
+            if uses_winprob:
+                row["pair_winprob"] = float(g.at[i, "winprob_row"][j])  # P(chosen > rejected)
             rows.append(row)
     pairs = pd.DataFrame(rows)
     if len(pairs):
         pairs = pairs.rename(columns={"chosen_response": "chosen", "rejected_response": "rejected"})
     n_prompts = judged["prompt_id"].nunique()
+    scored = len(pairs) and "chosen_score" in pairs.columns
     counts = {"n_prompts": n_prompts, "n_pairs": len(pairs), "n_prompts_tied": n_tied,
-              "mean_score_gap": float((pairs["chosen_score"] - pairs["rejected_score"]).mean()) if len(pairs) else 0.0}
+              "mean_score_gap": float((pairs["chosen_score"] - pairs["rejected_score"]).mean()) if scored else 0.0}
     return pairs, counts
 
 
@@ -73,7 +134,7 @@ def make_pairs(judgments: ArtifactRef, cfg: PairsConfig, work_dir: str | Path) -
     out = output_dir(work_dir, "pair", inputs, config)
     if done(out):
         return ref_from_dir(out)
-    pairs, counts = build_pairs(read_table(judgments), cfg.strategy, cfg.min_margin)
+    pairs, counts = build_pairs(read_table(judgments), cfg.strategy, cfg.min_margin, cfg.winprob)
     if counts["n_pairs"] == 0:
         raise ValueError(f"no preference pairs: all {counts['n_prompts']} prompts had tied scores "
                          f"(margin > {cfg.min_margin} required); sample more (collect.k) or use another judge")

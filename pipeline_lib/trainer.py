@@ -27,8 +27,8 @@ Use (the train stage)::
     trainer.train()
 
 ``ds`` has TRL's columns (``prompt``, ``chosen``, ``rejected``) plus what ``LOSSES[method.loss].columns`` names
-(``sppo``: ``chosen_winprob``/``rejected_winprob``; ``sail``: ``on_policy``, True where both responses were sampled
-by the policy being trained) and, optionally, ``ref_chosen_logps``/``ref_rejected_logps``.
+(``sppo``: ``chosen_winprob``/``rejected_winprob``; ``sppo_single``: ``pair_winprob``; ``sail``: ``on_policy``, True
+where both responses were sampled by the policy being trained) and, optionally, ``ref_chosen_logps``/``ref_rejected_logps``.
 
 Config keys that TRL would read for its own loss (``loss_type``, ``use_weighting``, ``label_smoothing``, ``ld_alpha``,
 ``f_divergence_type``) must stay at their defaults: the method lives in ``MethodConfig``, and a second setting would
@@ -60,7 +60,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from pipeline_lib.fused_head import add_fast_fused_head, fused_outputs
 from pipeline_lib.logprobs import SeqLogps, completion_logps, sequence_sums
-from pipeline_lib.losses import LOSSES, MethodConfig, reward_metrics, wpo_pair_weight
+from pipeline_lib.losses import reward_metrics, wpo_pair_weight
+from pipeline_lib.methods import LOSSES, MethodConfig
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 _ROW = "_alignflow_row"  # dataset row index carried through the collator by the reference pass

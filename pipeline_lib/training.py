@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, ref_from_dir, sha256_file, write_model
 from pipeline_lib.config import TrainConfig
-from pipeline_lib.losses import LOSSES, MethodConfig
+from pipeline_lib.methods import LOSSES, MethodConfig
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.stage import done, output_dir
 from pipeline_lib.train_worker import launch
@@ -29,7 +29,8 @@ from pipeline_lib.train_worker import launch
 def pairs_dataset(pairs_df, method: MethodConfig):
     """TRL's standard (non-conversational) preference format; the prompt is already chat-rendered, and TRL appends
     the EOS token (the template's end-of-turn) to each completion. Plus the per-pair columns the loss needs:
-    SPPO's win-probabilities, SAIL's on-policy flag (both responses sampled by the policy being trained)."""
+    SPPO's win-probabilities (per response, and P(chosen > rejected) for sppo_single), SAIL's on-policy flag (both
+    responses sampled by the policy being trained)."""
     from datasets import Dataset
 
     data = {
@@ -40,6 +41,7 @@ def pairs_dataset(pairs_df, method: MethodConfig):
     extra = {
         "chosen_winprob": lambda: pairs_df["chosen_winprob"].astype(float).tolist(),
         "rejected_winprob": lambda: pairs_df["rejected_winprob"].astype(float).tolist(),
+        "pair_winprob": lambda: pairs_df["pair_winprob"].astype(float).tolist(),
         "on_policy": lambda: ((pairs_df["chosen_response_source"] == "on_policy")
                               & (pairs_df["rejected_response_source"] == "on_policy")).tolist(),
     }

@@ -2,7 +2,10 @@
 
 Each row keeps the rendered prompt (chat template applied), the response, its token ids and the behavior
 policy's per-sequence log-prob ``behavior_logp_seq`` = sum_t log pi_behavior(y_t | x, y_<t) at temperature 1
-(vLLM reports raw model log-probs, before temperature/top-p), which BPO uses as the reference and WPO as a check.
+(vLLM reports raw model log-probs, before temperature/top-p). No training path reads it: BPO's reference log-probs
+come from the train stage's own no-grad pass over the same policy (``pipeline_lib/trainer.py``), since vLLM's values
+differ from the trainer's by rounding and re-tokenisation (``bench/reference_gap.py`` measures the gap); the column
+is kept for that diagnostic and carried into the pairs.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, write_
 from pipeline_lib.judges.base import Item, build_judge
 from pipeline_lib.report.progress import Progress
 from pipeline_lib.stage import done, output_dir
+from pipeline_lib.winprob import win_probability_columns
 
 # Judging in slices so progress can be shown: every slice ends with the judge's batch or request pool draining,
 # so there are few slices (~CHUNKS per stage) and each is large (>= MIN_CHUNK items, a full vLLM batch).
@@ -58,22 +59,6 @@ def judge_in_chunks(fn: Callable[[list], Sequence[float]], items: Sequence, prog
     return out
 
 
-def win_probabilities(judge, df, items: list[Item]) -> np.ndarray:
-    """SPPO's P-hat(y_i > pi) = mean_j P(y_i > y_j) over the K samples of the same prompt, with P(y_i > y_i) = 1/2
-    (SPPO, Wu et al. 2024, Sec. 3). A pointwise judge gives P(y_i > y_j) = sigma(s_i - s_j) (Bradley-Terry) from the
-    scores already computed; a pairwise judge is asked for its K x K matrix (its verdicts are cached)."""
-    out = np.zeros(len(df))
-    pointwise = getattr(judge, "native_score", True)
-    for _, idx in df.groupby("prompt_id", sort=False).indices.items():
-        if pointwise:
-            s = df["score"].to_numpy(dtype=float)[idx]
-            m = 0.5 * (1.0 + np.tanh(0.5 * (s[:, None] - s[None, :])))
-        else:
-            m = judge.rank(items[idx[0]].prompt, [items[i].response for i in idx], items[idx[0]].meta)
-        out[idx] = m.mean(axis=1)
-    return out
-
-
 def annotate(generations: ArtifactRef, judge_cfg: Mapping[str, Any], work_dir: str | Path,
              quiet: bool = False) -> ArtifactRef:
     from pipeline_lib.judges.cache import CachedJudge
@@ -92,7 +77,7 @@ def annotate(generations: ArtifactRef, judge_cfg: Mapping[str, Any], work_dir: s
         with Progress(len(items), "annotate", "responses", quiet=quiet) as progress:
             scores = judge_in_chunks(judge.score, items, progress, group=lambda it: it.prompt)
         df["score"] = scores
-        df["winprob"] = win_probabilities(judge, df, items)
+        df = df.assign(**win_probability_columns(judge, df, items))  # SPPO's P̂, both forms (winprob.py)
     finally:
         judge.close()
     df["judge"] = judge.identity_hash()

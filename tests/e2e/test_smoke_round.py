@@ -198,15 +198,18 @@ def test_every_loss_trained_once_on_the_same_samples(pipeline):
     c = MlflowClient(cfg.run.mlflow_tracking_uri)
     exp = c.get_experiment_by_name(cfg.run.experiment)
     for name, summary in result["variants"].items():
-        # same prompts, generations and judgments (cache hits), a new checkpoint for each loss
-        for key in ("prompts_train", "generations", "judgments"):
+        # same prompts, generations and judgments (cache hits), a new checkpoint for each loss; SAIL-PP's unlabelled
+        # pairs read no verdicts, so that round has no judgments at all
+        judged = name != "sail_pp"
+        for key in ("prompts_train", "generations", "judgments")[:3 if judged else 2]:
             assert summary["artifacts"][key] == first["artifacts"][key], (name, key)
+        assert judged == ("judgments" in summary["artifacts"]), name
         assert summary["artifacts"]["checkpoint"] != first["artifacts"]["checkpoint"]
         runs = c.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
         names = {r.info.run_name for r in runs}
         assert "train" in names and "collect" not in names, (name, names)
         train = next(r for r in runs if r.info.run_name == "train")
-        assert train.data.params["method.loss"] == name.replace("dpo_wpo", "dpo")
+        assert train.data.params["method.loss"] == {"dpo_wpo": "dpo", "sail_pp": "sail"}.get(name, name)
         assert "loss" in train.data.metrics
     # SPPO's pairs: argmax / argmin of the win-probability (with a pointwise judge, Bradley-Terry on the scores,
     # so the same responses as best-vs-worst, now carrying P-hat(y > pi) for the loss)
@@ -214,6 +217,10 @@ def test_every_loss_trained_once_on_the_same_samples(pipeline):
     assert (sppo_pairs.chosen_winprob > sppo_pairs.rejected_winprob).all()
     assert ((sppo_pairs.chosen_winprob > 0) & (sppo_pairs.chosen_winprob < 1)).all()
     assert "last_wpo_weight" in c.get_run(_train_run(c, exp, result["variants"]["dpo_wpo"])).data.metrics
+    # SAIL-PP's pairs come straight from the generations: samples (0, 1), (2, 3) of every prompt, no judge's scores
+    pp_pairs = read_table(ref_from_dir(cfg_paths(cfg, result["variants"]["sail_pp"]["artifacts"]["pairs"])[0]))
+    assert "chosen_score" not in pp_pairs.columns and len(pp_pairs) == 2 * cfg.prompts.n_train
+    assert sorted(set(zip(pp_pairs.chosen_sample_index, pp_pairs.rejected_sample_index))) == [(0, 1), (2, 3)]
 
 
 def _train_run(c, exp, summary):

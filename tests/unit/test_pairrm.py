@@ -211,3 +211,32 @@ def test_missing_model_and_foreign_weights_are_named(tmp_path):
     torch.save({"classifier.weight": torch.zeros(1, 2)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="head_layer"):
         build_judge({"kind": "pairrm", "device": "cpu", "model": str(tmp_path)}).compare("p", "a", "b")
+
+
+def test_sppo_authors_win_probabilities_equal_llm_blender_on_the_rankers_logits(judge, tmp_path):
+    """The annotate stage's default SPPO probabilities from the cached pairwise verdicts equal the authors' pipeline
+    computed from the ranker's raw logits: LLM-Blender's scores s_i = mean_j (L_ij - L_ji) with L_ii = 0
+    (llm_blender/gpt_eval/utils.py lines 26-43; pair_ranker/ranker.py _full_predict), then uclaml/SPPO
+    scripts/compute_prob.py: P_ij = 1 / (1 + exp(s_j - s_i)) (line 45), P-hat_i = sum_j P_ij / K (lines 84, 96)."""
+    import pandas as pd
+
+    from pipeline_lib.judges.base import Item
+    from pipeline_lib.judges.cache import CachedJudge
+    from pipeline_lib.winprob import win_probability_columns
+
+    k = len(CANDS)
+    ordered = [(i, j) for i in range(k) for j in range(k) if i != j]  # batched as the judge's rank batches them
+    logit = np.zeros((k, k))
+    logit[tuple(zip(*ordered))] = judge.logits([(PROMPT, CANDS[i], CANDS[j]) for i, j in ordered])
+    s = (logit - logit.T).mean(axis=1)
+    prob = 1 / (1 + np.exp(s[None, :] - s[:, None]))
+    want = prob.sum(axis=1) / k
+    df = pd.DataFrame({"prompt_id": "p", "sample_index": range(k), "response": CANDS, "score": 0.0})
+    items = [Item(PROMPT, c) for c in CANDS]
+    cols = win_probability_columns(CachedJudge(judge, tmp_path), df, items)
+    np.testing.assert_allclose(cols["winprob"], want, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(np.stack(cols["winprob_row"]), prob, rtol=0, atol=1e-9)
+    # the per-pair form keeps the judge's own pair probabilities, sigmoid((L_ij - L_ji) / 2), less spread
+    pairwise = (1 / (1 + np.exp(-(logit - logit.T) / 2))).mean(axis=1)
+    np.testing.assert_allclose(cols["winprob_pairwise"], pairwise, rtol=0, atol=1e-9)
+    assert np.abs(pairwise - 0.5).sum() < np.abs(want - 0.5).sum()

@@ -143,10 +143,12 @@ RECIPES = {
     "configs/recipes/bpo_2b.yaml": dict(
         rounds=2, k=2, judge="reward_model", loss="dpo", reference="behavior", optimizer="adamw", beta=0.1,
         lr=5e-5, epochs=1, global_batch=1 * 16 * 1, n_train=10000 // 2, ensemble=5, lora_r=256, lora_alpha=512),
-    # SAIL code: DPR (SAIL-PR) gamma 0.3, beta 0.1, RMSprop, lr 1e-5, 5 epochs (5 rounds of 1), 2 samples per
-    # prompt, global batch 4 x 2 x 4 GPUs = 32; LoRA rank 64, alpha 16 (pipelines/sft.py).
+    # SAIL code: DPR (SAIL-PR), beta 0.1, RMSprop, lr 1e-5, 5 epochs (5 rounds of 1), 2 samples per prompt, global
+    # batch 4 x 2 x 4 GPUs = 32; LoRA rank 64, alpha 16 (pipelines/sft.py). The score-function term: the fork's
+    # online_rpl_trainer.py form (lambda_sf 1.0 with a baseline), not the authors' gamma-0.3 hook (a variant).
     "configs/recipes/sail_qwen05b.yaml": dict(
-        rounds=5, k=2, judge="reward_model", loss="sail", self_label_prob=0.0, score_coef=0.3,
+        rounds=5, k=2, judge="reward_model", loss="sail", self_label_prob=0.0, score_coef=1.0,
+        score_term="baseline",
         reference="initial", optimizer="rmsprop", beta=0.1, lr=1e-5, epochs=1, global_batch=4 * 2 * 4, lora_r=64,
         lora_alpha=16),
 }
@@ -162,7 +164,8 @@ def test_recipe_matches_its_sources(rel):
                loss=m.loss, pairs=m.pairs, weighting=m.weighting, clamp=m.wpo.clamp, alignment=m.wpo.alignment,
                reference=m.reference, optimizer=m.optimizer, beta=t.beta, eta=1 / t.beta, lr=t.learning_rate,
                epochs=t.epochs, global_batch=t.batch_size * t.grad_accum, n_train=rc.prompts.n_train,
-               self_label_prob=m.sail.self_label_prob, score_coef=m.sail.score_coef, ensemble=t.ensemble,
+               self_label_prob=m.sail.self_label_prob, score_coef=m.sail.score_coef, score_term=m.sail.score_term,
+               ensemble=t.ensemble,
                lora_r=t.lora_r, lora_alpha=t.lora_alpha, data_mode=rc.data.mode)
     for key, value in want.items():
         assert got[key] == pytest.approx(value), f"{rel}: {key} = {got[key]!r}, source says {value!r}"

@@ -144,8 +144,10 @@ class _GradCapture(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+# sail: the plain score term; its default baseline is per micro-batch (a batch of 1 has none), so 4 x 1 and 1 x 4
+# differ by design there
 @pytest.mark.parametrize("method", [MethodConfig(weighting="wpo"),
-                                    MethodConfig(loss="sail", sail={"self_label_prob": 0.5})],
+                                    MethodConfig(loss="sail", sail={"self_label_prob": 0.5, "score_term": "plain"})],
                          ids=["dpo+wpo", "sail"])
 def test_batch4_accum1_equals_batch1_accum4(tmp_path, method):
     rows = [{**r, "on_policy": i % 2 == 0} for i, r in enumerate(ROWS[:4])]
@@ -164,13 +166,15 @@ def test_batch4_accum1_equals_batch1_accum4(tmp_path, method):
 
 @pytest.mark.parametrize("method", [
     MethodConfig(loss="dpo"), MethodConfig(loss="ipo"), MethodConfig(loss="hinge"),
-    MethodConfig(loss="sppo", pairs="sppo_winprob", optimizer="rmsprop"), MethodConfig(loss="sppo_hard"),
+    MethodConfig(loss="sppo", pairs="sppo_winprob", reference="behavior", optimizer="rmsprop"),
+    MethodConfig(loss="sppo_single", pairs="sppo_winprob", reference="behavior", optimizer="rmsprop"),
+    MethodConfig(loss="sppo_hard"),
     MethodConfig(loss="sail", sail={"self_label_prob": 0.5}, optimizer="rmsprop"),
     MethodConfig(loss="dpo", weighting="wpo", wpo={"alignment": "greedy"}),
 ], ids=lambda m: f"{m.loss}-{m.weighting}")
 def test_each_loss_goes_down_with_training(tmp_path, method):
-    rows = [{**r, "chosen_winprob": 0.7 + 0.03 * i, "rejected_winprob": 0.4 - 0.03 * i, "on_policy": True}
-            for i, r in enumerate(ROWS)]
+    rows = [{**r, "chosen_winprob": 0.7 + 0.03 * i, "rejected_winprob": 0.4 - 0.03 * i, "on_policy": True,
+             "pair_winprob": 0.8 - 0.02 * i} for i, r in enumerate(ROWS)]
     lr = 3e-4 if method.optimizer == "rmsprop" else 3e-3  # RMSprop's first step is ≈ 10·lr·sign(g)
     trainer = _align(tmp_path, method, rows=rows, per_device_train_batch_size=8, max_steps=5, learning_rate=lr,
                      beta=0.5)
@@ -200,6 +204,6 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="DPOConfig.use_weighting"):
         _align(tmp_path, MethodConfig(), use_weighting=True)
     with pytest.raises(ValueError, match="'chosen_winprob'"):
-        _align(tmp_path, MethodConfig(loss="sppo", pairs="sppo_winprob"))
+        _align(tmp_path, MethodConfig(loss="sppo", pairs="sppo_winprob", reference="behavior"))
     with pytest.raises(ValueError, match="'on_policy'"):
         _align(tmp_path, MethodConfig(loss="sail"))
