@@ -221,8 +221,8 @@ def build_tiny_rm(seed: int, out: Path) -> None:
 
 def _tiny_resolver(kind: str, build: Callable[[int, Path], None]) -> Callable[[str, str], ResolvedModel]:
     def resolve_tiny(ref: str, arg: str) -> ResolvedModel:
-        if not re.fullmatch(r"\d+", arg):
-            raise ModelError(f"model {ref!r}: expected {kind}:<integer seed>")
+        if not re.fullmatch(r"\d{1,10}", arg) or int(arg) >= 2 ** 32:  # torch.manual_seed overflows beyond 2**64
+            raise ModelError(f"model {ref!r}: expected {kind}:<integer seed> with 0 <= seed < 2**32")
         path = _build_once(cache_dir() / "models" / f"{kind}-{arg}", lambda tmp: build(int(arg), tmp))
         return _check_dir(ref, path)
 
