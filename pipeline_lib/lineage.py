@@ -184,6 +184,12 @@ def _is_number(v: Any) -> bool:
 
 def registered_model_path(ref: str, tracking_uri: str | None = None) -> str:
     """``models:/name@alias`` or ``models:/name/version`` -> the local directory the version points at."""
+    return registered_model_version(ref, tracking_uri)[0]
+
+
+def registered_model_version(ref: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """``models:/name@alias`` or ``models:/name/version`` -> (the local directory the version points at, the
+    content digest recorded when it was registered, or None for a version registered by something else)."""
     from mlflow.exceptions import MlflowException
 
     body = ref.removeprefix("models:/")
@@ -199,4 +205,5 @@ def registered_model_path(ref: str, tracking_uri: str | None = None) -> str:
         from pipeline_lib.models import ModelError
 
         raise ModelError(f"model {ref!r}: not found in the MLflow registry at {c.tracking_uri}: {e}") from None
-    return (mv.tags or {}).get(PATH_TAG) or mv.source
+    tags = mv.tags or {}
+    return tags.get(PATH_TAG) or mv.source, tags.get(SHA_TAG)
