@@ -23,6 +23,7 @@ from pydantic import BaseModel
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TABLE_FILE = "data.parquet"
+HASH_SIDECAR = ".alignflow-hash.json"  # pipeline_lib.models.dir_hash's memo, written into model directories
 
 
 class ArtifactError(RuntimeError):
@@ -60,7 +61,7 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def tree_hash(root: Path, exclude: Iterable[str] = (MANIFEST,)) -> tuple[str, dict[str, str]]:
+def tree_hash(root: Path, exclude: Iterable[str] = (MANIFEST, HASH_SIDECAR)) -> tuple[str, dict[str, str]]:
     """Hash of a directory: sha256 over the sorted (relative path, file sha256) list."""
     files = {}
     skip = set(exclude)

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline_lib.artifacts import tree_hash
-
-HASH_SIDECAR = ".alignflow-hash.json"
+from pipeline_lib.artifacts import HASH_SIDECAR, tree_hash
 
 
 class ModelError(ValueError):

@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Mapping
 
+from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
 from pipeline_lib.artifacts import ArtifactError, ArtifactRef, read_manifest, sha256_json
@@ -106,7 +107,9 @@ def task_options(name: str, retries: int = 2) -> dict[str, Any]:
         "retries": retries,
         "retry_delay_seconds": [2, 10, 30][:retries] or 0,
         "retry_condition_fn": retry_transient,
-        "cache_key_fn": cache_key,
+        # a policy, not cache_key_fn: tasks.results.with_result_store configures it (isolation, lock manager), and
+        # with_options cannot drop a cache_key_fn once set
+        "cache_policy": CachePolicy.from_cache_key_fn(cache_key),
         "persist_result": True,
         "log_prints": False,  # library prints (e.g. datasets hashing dumps) would flood the run log
     }
