@@ -84,7 +84,8 @@ class DataConfig(Section):
 
 
 class CollectConfig(Section):
-    k: int = Field(4, ge=2, description="samples per prompt")
+    k: int = Field(4, ge=2, le=256, description="samples per prompt (at most 256: k=10000 was accepted and sat at "
+                                                "0/160000 samples with a 3 GB worker)")
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(128, ge=1)

@@ -80,6 +80,9 @@ def dpo_args(cfg: TrainConfig, work: Path, n_pairs: int):
         logging_nan_inf_filter=False,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
+        # resume needs only the last complete checkpoint; two, in case a kill cut the newest one short (the Trainer
+        # deletes older ones only after a save completes). Without a limit, save_steps=1 kept one per step.
+        save_total_limit=2,
         save_only_model=False,
         report_to=[],
         precompute_ref_log_probs=True,  # one no-grad reference pass up front: no live reference model in the loop

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from pipeline_lib.artifacts import ArtifactError, ArtifactRef, read_manifest, sha256_json
 from pipeline_lib.config import ConfigError
+from pipeline_lib.errors import storage_error
 from pipeline_lib.models import ModelError, ResolvedModel
 from pipeline_lib.stage import code_version
 
@@ -92,8 +93,8 @@ def retry_transient(task, task_run, state) -> bool:
         state.result()
     except PERMANENT:
         return False
-    except Exception:
-        return True
+    except Exception as e:  # noqa: BLE001
+        return not storage_error(e)  # a full disk or a read-only work dir stays so: no retry
     return False
 
 
