@@ -62,12 +62,16 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     logger = get_run_logger()
     t_start = time.perf_counter()
     work_dir = str(Path(config.run.work_dir).resolve())
+    lineage = RoundLineage(config.run.mlflow_tracking_uri, config.run.experiment)  # also sets the registry URI
+    if lineage.new_experiment:  # a new store (or experiment) and a warm cache: hits would log no stage run
+        logger.warning("MLflow experiment %r is new in %s: every stage runs again to log its run there (artifacts "
+                       "already in %s are reused, not recomputed)", config.run.experiment,
+                       config.run.mlflow_tracking_uri, work_dir)
     (prompts_t, collect_t, annotate_t, pair_t, train_t, evaluate_t, dataset_pairs_t, hybrid_prompts_t,
      hybrid_candidates_t, hybrid_pair_t) = _with_storage(
         work_dir, prompts_task, collect_task, annotate_task, pair_task, train_task, evaluate_task, dataset_pairs_task,
-        hybrid_prompts_task, hybrid_candidates_task, hybrid_pair_task)
+        hybrid_prompts_task, hybrid_candidates_task, hybrid_pair_task, relog=lineage.new_experiment)
 
-    lineage = RoundLineage(config.run.mlflow_tracking_uri, config.run.experiment)  # also sets the registry URI
     policy_ref = config.policy
     if config.follow_champion and lineage.alias_version(config.run.registered_model, "champion") is not None:
         policy_ref = f"models:/{config.run.registered_model}@champion"  # scheduled rounds improve the champion

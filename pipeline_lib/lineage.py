@@ -93,6 +93,7 @@ class RoundLineage:
         self.tracking_uri = tracking_uri
         self.c = client(tracking_uri)
         with store_lock(tracking_uri):  # two rounds on a fresh store would both create the experiment
+            self.new_experiment = self.c.get_experiment_by_name(experiment) is None  # a new store, for one
             self.experiment_id = _experiment_id(self.c, experiment, tracking_uri)
 
     def start_round(self, round_key: str, name: str, config: Mapping[str, Any], tags: Mapping[str, str]) -> str:

@@ -279,9 +279,12 @@ class FlockLocks:
         return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
 
 
-def with_result_store(work_dir: str | Path, *tasks):
+def with_result_store(work_dir: str | Path, *tasks, relog: bool = False):
     """The tasks with their results kept (and checked, and locked) in ``<work_dir>/prefect-results``. The storage
-    block is saved server-side: Prefect refers to result storage by block id."""
+    block is saved server-side: Prefect refers to result storage by block id. ``relog``: ignore existing records
+    (Prefect's refresh_cache), so each stage runs, finds its artifact already there (every stage function returns an
+    existing artifact at once) and logs its MLflow run: for a new MLflow store or experiment, where cache hits would
+    leave the round without stage runs."""
     from prefect.cache_policies import CachePolicy
     from prefect.transactions import IsolationLevel
 
@@ -290,5 +293,6 @@ def with_result_store(work_dir: str | Path, *tasks):
     storage.save(f"alignflow-results-{sha256_json(str(base))[:12]}", overwrite=True)
     policy = CachePolicy.from_cache_key_fn(cache_key).configure(
         isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=FlockLocks(base / ".locks"))
-    return [t.with_options(result_storage=storage, result_serializer=ArtifactJSON(), cache_policy=policy)
+    refresh = {"refresh_cache": True} if relog else {}
+    return [t.with_options(result_storage=storage, result_serializer=ArtifactJSON(), cache_policy=policy, **refresh)
             for t in tasks]
