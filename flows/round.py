@@ -12,15 +12,15 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
-from prefect.filesystems import LocalFileSystem
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, sha256_json
 from pipeline_lib.config import PromotionConfig, RoundConfig
 from pipeline_lib.lineage import RoundLineage
 from pipeline_lib.methods import PAIRINGS
 from pipeline_lib.models import ResolvedModel
-from tasks.common import RoundContext, results_dir
+from tasks.common import RoundContext
 from tasks.evaluate import benchmark_data_task, ifeval_task
+from tasks.results import with_result_store as _with_storage  # checked JSON records, one run per cache key
 from tasks.stages import (annotate_task, collect_task, dataset_pairs_task, evaluate_task, hybrid_candidates_task,
                           hybrid_pair_task, hybrid_prompts_task, pair_task, prompts_task, resolve_model_task,
                           train_task)
@@ -76,11 +76,8 @@ def _champion(lineage: RoundLineage, config: RoundConfig, policy: ResolvedModel,
     from pipeline_lib.models import resolve
 
     name = config.run.registered_model
-    mv = lineage.alias_version(name, "champion")
-    if mv is None:
-        seed = ArtifactRef(kind="model", name=policy.ref, path=policy.path, sha256=policy.sha256)
-        version = lineage.register_checkpoint(parent, seed, name, "champion", tags={"alignflow.seed": "true"})
-        return policy, version
+    seed = ArtifactRef(kind="model", name=policy.ref, path=policy.path, sha256=policy.sha256)
+    mv = lineage.seed_champion(parent, seed, name, config.run.work_dir)  # seeded under a lock: one first champion
     if (mv.tags or {}).get("alignflow.sha256") == policy.sha256:
         return policy, str(mv.version)
     return resolve(f"models:/{name}/{mv.version}"), str(mv.version)
@@ -111,27 +108,23 @@ def evaluate_both(config: RoundConfig, champion: ResolvedModel, candidate: Resol
     return m_before, m_after, paired
 
 
-def _with_storage(work_dir: str, *tasks):
-    # Task results (artifact references) and their cache records live beside the artifacts of this work dir; the
-    # block must be saved server-side to be usable as result storage.
-    base = str(results_dir(work_dir).resolve())
-    storage = LocalFileSystem(basepath=base)
-    storage.save(f"alignflow-results-{sha256_json(base)[:12]}", overwrite=True)
-    return [t.with_options(result_storage=storage) for t in tasks]
-
-
 @flow(name="alignment-round", log_prints=True)
 def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 0) -> dict:
     """Run one preference-alignment round and return its summary (metrics before/after, artifact hashes)."""
     logger = get_run_logger()
     t_start = time.perf_counter()
     work_dir = str(Path(config.run.work_dir).resolve())
+    lineage = RoundLineage(config.run.mlflow_tracking_uri, config.run.experiment)  # also sets the registry URI
+    if lineage.new_experiment:  # a new store (or experiment) and a warm cache: hits would log no stage run
+        logger.warning("MLflow experiment %r is new in %s: every stage runs again to log its run there (artifacts "
+                       "already in %s are reused, not recomputed)", config.run.experiment,
+                       config.run.mlflow_tracking_uri, work_dir)
     (prompts_t, collect_t, annotate_t, pair_t, train_t, evaluate_t, dataset_pairs_t, hybrid_prompts_t,
      hybrid_candidates_t, hybrid_pair_t, data_t, ifeval_t) = _with_storage(
         work_dir, prompts_task, collect_task, annotate_task, pair_task, train_task, evaluate_task, dataset_pairs_task,
-        hybrid_prompts_task, hybrid_candidates_task, hybrid_pair_task, benchmark_data_task, ifeval_task)
+        hybrid_prompts_task, hybrid_candidates_task, hybrid_pair_task, benchmark_data_task, ifeval_task,
+        relog=lineage.new_experiment)
 
-    lineage = RoundLineage(config.run.mlflow_tracking_uri, config.run.experiment)  # also sets the registry URI
     policy_ref = config.policy
     if config.follow_champion and lineage.alias_version(config.run.registered_model, "champion") is not None:
         policy_ref = f"models:/{config.run.registered_model}@champion"  # scheduled rounds improve the champion
@@ -187,8 +180,9 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
                                           tags={"alignflow.round_key": round_key, "alignflow.parent_policy":
                                                 policy.sha256})
     promoted, reason = decide_promotion(config.promotion, m_before, m_after, paired)
-    if promoted:
-        lineage.set_alias(config.run.registered_model, "champion", version)
+    if promoted:  # a compare-and-set: only if the champion is still the one the candidate was evaluated against
+        promoted, lost = lineage.promote(config.run.registered_model, champion_version, version, work_dir)
+        reason = reason if promoted else lost
     summary = {
         "round_key": round_key,
         "mlflow_run_id": parent,

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TABLE_FILE = "data.parquet"
+HASH_SIDECAR = ".alignflow-hash.json"  # pipeline_lib.models.dir_hash's memo, written into model directories
 
 
 class ArtifactError(RuntimeError):
@@ -60,7 +61,7 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def tree_hash(root: Path, exclude: Iterable[str] = (MANIFEST,)) -> tuple[str, dict[str, str]]:
+def tree_hash(root: Path, exclude: Iterable[str] = (MANIFEST, HASH_SIDECAR)) -> tuple[str, dict[str, str]]:
     """Hash of a directory: sha256 over the sorted (relative path, file sha256) list."""
     files = {}
     skip = set(exclude)
@@ -133,6 +134,9 @@ def write_table(df: pd.DataFrame, final: Path, *, name: str, producer: str, inpu
         df.to_parquet(tmp / TABLE_FILE, index=False)
         sha = sha256_file(tmp / TABLE_FILE)
         return _finish(tmp, final, _manifest("table", name, sha, len(df), producer, inputs or {}, config, extra))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _naming(e, final) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -147,12 +151,44 @@ def write_model(build: Callable[[Path], None], final: Path, *, name: str, produc
     tmp = _tmp_dir(final)
     try:
         build(tmp)
+        _readable_as_umask_says(tmp)
         sha, files = tree_hash(tmp)
         extra = {**(extra or {}), "files": files}
         return _finish(tmp, final, _manifest("model", name, sha, None, producer, inputs or {}, config, extra))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _naming(e, final) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _naming(e: OSError, final: Path) -> OSError:
+    """The same error (errno kept, so retry and CLI classify it) naming the artifact when the call did not (a failed
+    write() on an open file names no file; pyarrow's errors name none either)."""
+    if e.filename or e.errno is None:
+        return e
+    return type(e)(e.errno, e.strerror or str(e), str(final))
+
+
+def _umask() -> int:
+    try:  # Linux >= 4.7; os.umask() would have to set it to read it, racing other threads' file creation
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _readable_as_umask_says(root: Path) -> None:
+    """Give a model directory's files the modes the umask allows (0644 under 022). transformers writes its weight
+    shards through a temporary file (mode 0600) and renames it: model.safetensors ended up unreadable to the other
+    users of a shared work dir while every other file was 0644."""
+    mask = _umask()
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, 0o666 & ~mask)
 
 
 def read_table(ref: ArtifactRef, check: bool = True) -> pd.DataFrame:

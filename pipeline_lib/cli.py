@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         if hint:
             print(f"hint: {hint}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only work dir: one line naming the cause and the file
+        from pipeline_lib.errors import describe_storage_error, storage_error
+
+        if not storage_error(e) or args.debug or os.environ.get("ALIGNFLOW_DEBUG"):
+            raise
+        print(f"alignflow: error: {describe_storage_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("alignflow: interrupted", file=sys.stderr)
         return 130

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pipeline_lib.evaluation.ifeval import IFEvalOptions
 from pipeline_lib.hybrid import HybridOptions
@@ -24,7 +25,42 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `gt=0` lets infinity through, and train.learning_rate=.inf trained a NaN model that was
+    # then registered (issue 22). Floats in nested option models and in free-form sections (judge) are checked by
+    # _finite below.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        bad = _non_finite(v)
+        if bad is not None:  # format_validation_error appends the path to the field's location
+            raise PydanticCustomError("non_finite", "{path} must be a finite number", {"path": bad})
+        return v
+
+
+def _non_finite(v: Any, path: str = "") -> str | None:
+    """The dotted path (relative to ``v``) of the first non-finite float inside ``v``, else None. Nested sections
+    check themselves."""
+    import math
+
+    if isinstance(v, float):
+        return path if not math.isfinite(v) else None
+    if isinstance(v, Section):
+        return None
+    if isinstance(v, BaseModel):
+        v = {k: getattr(v, k) for k in type(v).model_fields}
+    if isinstance(v, dict):
+        items = v.items()
+    elif isinstance(v, (list, tuple)):
+        items = ((str(i), x) for i, x in enumerate(v))
+    else:
+        return None
+    for k, x in items:
+        bad = _non_finite(x, f"{path}.{k}" if path else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 # `prompts:` is one of the prompt sources (pipeline_lib.prompts.sources: builtin, hub, jsonl, csv, parquet), keyed
@@ -49,7 +85,8 @@ class DataConfig(Section):
 
 
 class CollectConfig(Section):
-    k: int = Field(4, ge=2, description="samples per prompt")
+    k: int = Field(4, ge=2, le=256, description="samples per prompt (at most 256: k=10000 was accepted and sat at "
+                                                "0/160000 samples with a 3 GB worker)")
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(128, ge=1)
@@ -239,6 +276,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not of the form key=value (e.g. train.beta=0.2)")
         k, v = o.split("=", 1)
+        if not all(part.strip() for part in k.split(".")):
+            raise ConfigError(f"override {o!r}: the key before '=' is empty or has an empty part (e.g. train.beta=0.2)")
         try:
             out.append((k.strip(), yaml.safe_load(v)))
         except yaml.YAMLError as e:
@@ -253,6 +292,8 @@ def format_validation_error(e: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "non_finite":
+            loc, msg = ".".join(p for p in (loc, err["ctx"]["path"]) if p), "must be a finite number"
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
 
@@ -266,9 +307,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not a text file (byte {e.start} is not UTF-8); expected a YAML recipe") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+        if data is None:  # an empty file silently ran the whole default recipe (issue 22)
+            raise ConfigError(f"{p}: the config file is empty (no sections); to run the defaults, omit the sections "
+                              "you do not change, not the whole file")
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     for k, v in parse_overrides(overrides or []):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline_lib.artifacts import ArtifactRef
+from pipeline_lib.locks import store_lock
 
 ROUND_KEY = "alignflow.round_key"
 STAGE_TAG = "alignflow.stage"
@@ -34,7 +35,14 @@ def client(tracking_uri: str | None = None):
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    # Opening a SQLite store creates its tables when they are missing; two processes doing it at once on a fresh
+    # store: "sqlite3.OperationalError: table logged_models already exists" (issue 22). One at a time; both the
+    # tracking and the registry store are opened here.
+    with store_lock(uri):
+        c = MlflowClient(tracking_uri=uri)
+        c._get_registry_client().store  # noqa: B018  (creates the registry's tables under the lock)
+    return c
 
 
 def _experiment_id(c, name: str, tracking_uri: str = "") -> str:
@@ -85,10 +93,16 @@ class RoundLineage:
     def __init__(self, tracking_uri: str, experiment: str):
         self.tracking_uri = tracking_uri
         self.c = client(tracking_uri)
-        self.experiment_id = _experiment_id(self.c, experiment, tracking_uri)
+        with store_lock(tracking_uri):  # two rounds on a fresh store would both create the experiment
+            self.new_experiment = self.c.get_experiment_by_name(experiment) is None  # a new store, for one
+            self.experiment_id = _experiment_id(self.c, experiment, tracking_uri)
 
     def start_round(self, round_key: str, name: str, config: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         """Open (or re-open, after a crash) the parent run of the round identified by ``round_key``."""
+        with store_lock(self.tracking_uri):  # two runs of one round at once: one parent run, not two
+            return self._start_round(round_key, name, config, tags)
+
+    def _start_round(self, round_key: str, name: str, config: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         from mlflow.entities import Param, RunTag
 
         found = self.c.search_runs([self.experiment_id], filter_string=f"tags.`{ROUND_KEY}` = '{round_key}'",
@@ -131,6 +145,11 @@ class RoundLineage:
     def register_checkpoint(self, run_id: str, model: ArtifactRef, registered_name: str, alias: str,
                             tags: Mapping[str, str] | None = None) -> str:
         """Register a checkpoint directory by reference and point ``alias`` at it; returns the version."""
+        with store_lock(self.tracking_uri):  # one version per checkpoint even when two rounds register it at once
+            return self._register(run_id, model, registered_name, alias, tags)
+
+    def _register(self, run_id: str, model: ArtifactRef, registered_name: str, alias: str,
+                  tags: Mapping[str, str] | None = None) -> str:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -166,6 +185,30 @@ class RoundLineage:
     def set_alias(self, registered_name: str, alias: str, version: str) -> None:
         self.c.set_registered_model_alias(registered_name, alias, version)
 
+    def seed_champion(self, run_id: str, seed: ArtifactRef, registered_name: str, work_dir: str | Path | None = None):
+        """The champion's model version; when there is none, ``seed`` is registered as the champion first. Checked
+        and set under the registry lock, so two first rounds at once agree on one champion."""
+        with store_lock(self.tracking_uri, work_dir):
+            mv = self.alias_version(registered_name, "champion")
+            if mv is None:
+                self._register(run_id, seed, registered_name, "champion", tags={"alignflow.seed": "true"})
+                mv = self.alias_version(registered_name, "champion")
+            return mv
+
+    def promote(self, registered_name: str, expected: str, version: str,
+                work_dir: str | Path | None = None) -> tuple[bool, str]:
+        """Compare-and-set: point ``champion`` at ``version`` only if it still points at ``expected``, the version
+        the candidate was evaluated against. Rounds with different configs used to promote over each other (the
+        champion read before evaluation was never checked again before the alias moved). Returns (moved, why not)."""
+        with store_lock(self.tracking_uri, work_dir):
+            mv = self.alias_version(registered_name, "champion")
+            current = str(mv.version) if mv is not None else None
+            if current != str(expected):
+                return False, (f"champion kept: it moved from v{expected} to v{current} while this round ran, and "
+                               f"the candidate was compared with v{expected}")
+            self.set_alias(registered_name, "champion", version)
+            return True, ""
+
     def finish_round(self, run_id: str, metrics: Mapping[str, float], status: str = "FINISHED",
                      tags: Mapping[str, str] | None = None) -> None:
         from mlflow.entities import Metric, RunTag
@@ -185,6 +228,12 @@ def _is_number(v: Any) -> bool:
 
 def registered_model_path(ref: str, tracking_uri: str | None = None) -> str:
     """``models:/name@alias`` or ``models:/name/version`` -> the local directory the version points at."""
+    return registered_model_version(ref, tracking_uri)[0]
+
+
+def registered_model_version(ref: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """``models:/name@alias`` or ``models:/name/version`` -> (the local directory the version points at, the
+    content digest recorded when it was registered, or None for a version registered by something else)."""
     from mlflow.exceptions import MlflowException
 
     body = ref.removeprefix("models:/")
@@ -200,4 +249,5 @@ def registered_model_path(ref: str, tracking_uri: str | None = None) -> str:
         from pipeline_lib.models import ModelError
 
         raise ModelError(f"model {ref!r}: not found in the MLflow registry at {c.tracking_uri}: {e}") from None
-    return (mv.tags or {}).get(PATH_TAG) or mv.source
+    tags = mv.tags or {}
+    return tags.get(PATH_TAG) or mv.source, tags.get(SHA_TAG)

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline_lib.artifacts import tree_hash
-
-HASH_SIDECAR = ".alignflow-hash.json"
+from pipeline_lib.artifacts import HASH_SIDECAR, tree_hash
 
 
 class ModelError(ValueError):
@@ -46,9 +44,10 @@ def cache_dir() -> Path:
 
 
 def dir_hash(path: Path) -> str:
-    """Content hash of a model directory, memoised in a sidecar keyed by file sizes and mtimes."""
-    stat = sorted((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in path.rglob("*") if p.is_file() and p.name not in (HASH_SIDECAR, "manifest.json"))
+    """Content hash of a model directory, memoised in a sidecar keyed by each file's size, mtime and ctime. The
+    ctime is there because (size, mtime) alone let a file corrupted in place, its mtime put back, keep its clean
+    digest (issue 22); any write or utime() moves the ctime, which nobody can set back."""
+    stat = _stat(path)
     side = path / HASH_SIDECAR
     if side.is_file():
         try:
@@ -57,9 +56,21 @@ def dir_hash(path: Path) -> str:
                 return memo["sha256"]
         except (ValueError, KeyError):
             pass
+    return _rehash(path, stat)
+
+
+def _stat(path: Path) -> list[tuple[str, int, int, int]]:
+    return sorted((p.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                  for p in path.rglob("*") if p.is_file() and p.name not in (HASH_SIDECAR, "manifest.json")
+                  for st in (p.stat(),))
+
+
+def _rehash(path: Path, stat: list | None = None) -> str:
+    """Hash the directory's files now (no memo) and record the result in the sidecar."""
+    stat = _stat(path) if stat is None else stat
     sha = tree_hash(path, exclude=(HASH_SIDECAR, "manifest.json"))[0]
     try:
-        side.write_text(json.dumps({"sha256": sha, "stat": stat}))
+        (path / HASH_SIDECAR).write_text(json.dumps({"sha256": sha, "stat": stat}))
     except OSError:  # read-only model directory: hash again next time
         pass
     return sha
@@ -221,8 +232,8 @@ def build_tiny_rm(seed: int, out: Path) -> None:
 
 def _tiny_resolver(kind: str, build: Callable[[int, Path], None]) -> Callable[[str, str], ResolvedModel]:
     def resolve_tiny(ref: str, arg: str) -> ResolvedModel:
-        if not re.fullmatch(r"\d+", arg):
-            raise ModelError(f"model {ref!r}: expected {kind}:<integer seed>")
+        if not re.fullmatch(r"\d{1,10}", arg) or int(arg) >= 2 ** 32:  # torch.manual_seed overflows beyond 2**64
+            raise ModelError(f"model {ref!r}: expected {kind}:<integer seed> with 0 <= seed < 2**32")
         path = _build_once(cache_dir() / "models" / f"{kind}-{arg}", lambda tmp: build(int(arg), tmp))
         return _check_dir(ref, path)
 
@@ -231,12 +242,23 @@ def _tiny_resolver(kind: str, build: Callable[[int, Path], None]) -> Callable[[s
 
 # -- MLflow registry --------------------------------------------------------------------------------------------
 def resolve_registry(ref: str, arg: str) -> ResolvedModel:
+    """A registered version: its directory, hashed afresh (no memo) and compared with the digest recorded at
+    registration (tag ``alignflow.sha256``), so a checkpoint changed after registration is refused instead of being
+    loaded under its clean digest (issue 22: a checkpoint corrupted in place ended in a misleading "no preference
+    pairs" while lineage recorded the clean digest)."""
     from pipeline_lib import lineage
 
-    path = lineage.registered_model_path(ref)
+    path, recorded = lineage.registered_model_version(ref)
     if not Path(path).is_dir():
         raise ModelError(f"model {ref!r}: the registered version points at {path}, which does not exist here")
-    return _check_dir(ref, Path(path))
+    if not (Path(path) / "config.json").is_file():
+        raise ModelError(f"model {ref!r}: {path} has no config.json (not a Hugging Face model directory)")
+    sha = _rehash(Path(path))
+    if recorded and sha != recorded:
+        raise ModelError(f"model {ref!r}: {path} now hashes to {sha}, but it was registered as {recorded} "
+                         "(alignflow.sha256): it changed after registration (corrupted or edited in place); "
+                         "refusing to load it")
+    return ResolvedModel(ref=ref, path=str(path), sha256=sha)
 
 
 # -- hub --------------------------------------------------------------------------------------------------------

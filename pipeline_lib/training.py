@@ -77,8 +77,14 @@ def dpo_args(cfg: TrainConfig, work: Path, n_pairs: int):
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=1,
+        # the Trainer's default replaces a NaN/inf step loss in its logs by the running mean: a diverged run logged
+        # "loss 0.0" (issue 22); log what the loss was, and refuse the run below
+        logging_nan_inf_filter=False,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
+        # resume needs only the last complete checkpoint; two, in case a kill cut the newest one short (the Trainer
+        # deletes older ones only after a save completes). Without a limit, save_steps=1 kept one per step.
+        save_total_limit=2,
         save_only_model=False,
         report_to=[],
         precompute_ref_log_probs=True,  # one no-grad reference pass up front: no live reference model in the loop
@@ -209,6 +215,7 @@ def fit(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: Met
     if not trainer.is_world_process_zero():
         return None
     log = [dict(r) for r in trainer.state.log_history]
+    check_finite(trainer.model, log, cfg)
     n_tokens = _count_tokens(trainer.train_dataset) * args.num_train_epochs if cfg.max_steps <= 0 else None
 
     def build(tmp: Path) -> None:
@@ -238,6 +245,36 @@ def fit(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: Met
                              "reference_model": {"ref": reference.ref, "sha256": reference.sha256}})
     shutil.rmtree(work, ignore_errors=True)
     return ref
+
+
+class TrainingDivergedError(ValueError):
+    """Training produced non-finite weights or losses: nothing is saved or registered, and retrying the same config
+    cannot help (a ValueError, so the task does not retry it)."""
+
+
+def check_finite(model, log: list[dict], cfg: TrainConfig) -> None:
+    """Refuse a run whose logged losses or trained weights are not all finite, before anything is written.
+    (lr = 1e30 passes every config bound and turned all 426,624 weights of the tiny model into NaN in 2 steps.)"""
+    import torch
+
+    bad_rows = [r for r in log if any(isinstance(r.get(k), float) and not math.isfinite(r[k])
+                                      for k in ("loss", "grad_norm", "train_loss"))]
+    n_bad = n_all = 0
+    first = ""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            k = int((~torch.isfinite(p)).sum())
+            n_bad, n_all = n_bad + k, n_all + p.numel()
+            first = first or (name if k else "")
+    if not n_bad and not bad_rows:
+        return
+    where = (f"{n_bad:,} of {n_all:,} weights are not finite (first: {first})" if n_bad
+             else "the weights are finite")
+    loss = (f"loss {bad_rows[0].get('loss')} at step {bad_rows[0].get('step', '?')}" if bad_rows
+            else "every logged loss finite")
+    raise TrainingDivergedError(
+        f"train: training diverged: {where}; {loss}; nothing saved or registered. Lower train.learning_rate "
+        f"({cfg.learning_rate:g}) or train.beta ({cfg.beta:g})")
 
 
 def _train_ensemble(policy, pairs, cfg, method, work_dir, reference, callbacks, on_log, quiet, out, inputs,

@@ -11,10 +11,12 @@ import contextlib
 from pathlib import Path
 from typing import Any, Mapping
 
+from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
 from pipeline_lib.artifacts import ArtifactError, ArtifactRef, read_manifest, sha256_json
 from pipeline_lib.config import ConfigError
+from pipeline_lib.errors import storage_error
 from pipeline_lib.models import ModelError, ResolvedModel
 from pipeline_lib.stage import code_version
 
@@ -91,8 +93,8 @@ def retry_transient(task, task_run, state) -> bool:
         state.result()
     except PERMANENT:
         return False
-    except Exception:
-        return True
+    except Exception as e:  # noqa: BLE001
+        return not storage_error(e)  # a full disk or a read-only work dir stays so: no retry
     return False
 
 
@@ -106,7 +108,9 @@ def task_options(name: str, retries: int = 2) -> dict[str, Any]:
         "retries": retries,
         "retry_delay_seconds": [2, 10, 30][:retries] or 0,
         "retry_condition_fn": retry_transient,
-        "cache_key_fn": cache_key,
+        # a policy, not cache_key_fn: tasks.results.with_result_store configures it (isolation, lock manager), and
+        # with_options cannot drop a cache_key_fn once set
+        "cache_policy": CachePolicy.from_cache_key_fn(cache_key),
         "persist_result": True,
         "log_prints": False,  # library prints (e.g. datasets hashing dumps) would flood the run log
     }

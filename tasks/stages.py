@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib.artifacts import ArtifactRef
 from pipeline_lib.config import CollectConfig, EvaluateConfig, PairsConfig, TrainConfig
@@ -23,7 +24,9 @@ from pipeline_lib.training import train
 from tasks.common import RoundContext, gpu_slot, task_options
 
 
-@task(name="resolve-model", retries=1, retry_delay_seconds=5)
+# Never cached or persisted: resolution rehashes the model each time (a registered version is checked against its
+# recorded digest), and Prefect's default storage for an uncached task result would be a pickle.
+@task(name="resolve-model", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, persist_result=False)
 def resolve_model_task(ref: str) -> ResolvedModel:
     """Resolve a model reference to a local directory with a content hash."""
     return resolve(ref)

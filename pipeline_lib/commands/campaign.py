@@ -45,9 +45,9 @@ def run(args) -> int:
     overrides = list(args.overrides) + (["round.run.quiet=true"] if args.quiet else [])
     cfg = load_config(args.config, overrides, model=CampaignConfig)
     os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.round.run.mlflow_tracking_uri)
-    from pipeline_lib.models import resolve
+    from pipeline_lib.commands.run import preflight_models
 
-    resolve(cfg.round.policy)  # pre-flight: a missing model fails before Prefect starts
+    preflight_models(cfg.round)  # pre-flight: a missing model fails before Prefect starts
     from flows.campaign import alignment_campaign
 
     result = alignment_campaign(cfg)

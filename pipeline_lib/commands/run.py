@@ -63,6 +63,19 @@ def preflight_data(cfg) -> None:
         validate_pairs(cfg.data.preference_data)
 
 
+def preflight_models(cfg) -> None:
+    """Every model reference of the round resolved before Prefect starts (ModelError, one line): the policy, a
+    ``models:/`` one included (its registered digest checked), ``initial_policy``, and the judge's model. Before,
+    ``models:/`` and ``initial_policy`` failed only after the flow had started (~25 s), ``judge.model`` only after a
+    whole collect."""
+    from pipeline_lib.judges import build_judge
+    from pipeline_lib.models import resolve
+
+    for ref in dict.fromkeys(r for r in (cfg.policy, cfg.initial_policy) if r):
+        resolve(ref)
+    build_judge(cfg.judge).identity()  # model judges resolve their model here (no weights are loaded)
+
+
 def run(args) -> int:
     from pipeline_lib.config import load_config
 
@@ -70,10 +83,7 @@ def run(args) -> int:
     cfg = load_config(args.config, overrides)  # validates everything before any model is loaded
     os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.run.mlflow_tracking_uri)
     preflight_data(cfg)
-    if not cfg.policy.startswith("models:/"):
-        from pipeline_lib.models import resolve
-
-        resolve(cfg.policy)  # pre-flight: a missing model fails here, in one line, before Prefect starts
+    preflight_models(cfg)
     from flows.round import alignment_round
 
     summary = alignment_round(cfg)

@@ -7,6 +7,14 @@ terminal, so the addresses stay readable.
 
 The Prefect UI finds its API through ``PREFECT_UI_API_URL``; without it, it calls port 4200 whatever port the
 server listens on, so the variable is set for the child.
+
+Exposure (issue 22, finding 7): Prefect's API has no authentication of its own, and ``prefect server start`` answers
+any Host with ``access-control-allow-origin: *``, so any web page open in the user's browser could create flow runs
+with parameters of its choosing (a judge ``base_url`` of its own, which would receive the API key) and read Secret
+blocks. Here the Prefect server is started (:mod:`pipeline_lib.commands.ui_prefect`) with CORS limited to the UI's
+own origin, CSRF protection on (a POST needs a token that a foreign page cannot read), a Host allow-list (DNS
+rebinding), and HTTP basic auth when ``PREFECT_SERVER_API_AUTH_STRING`` is set. Binding to a non-loopback
+``--host`` is warned about. (MLflow's server already refuses foreign Hosts and cross-origin POSTs.)
 """
 
 from __future__ import annotations
@@ -31,7 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", metavar="URI", default=None,
                    help="MLflow store to show (default: $MLFLOW_TRACKING_URI, else the recipe's, else "
                         "sqlite:///mlflow.db)")
-    p.add_argument("--host", default="127.0.0.1", help="interface both servers bind to (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="interface both servers bind to (default: %(default)s); "
+                                                       "anything but loopback exposes both APIs to the network")
+    p.add_argument("--allowed-host", metavar="NAME", action="append", default=[],
+                   help="a host name or address clients use to reach the Prefect server besides --host (repeatable; "
+                        "requests naming any other Host are refused)")
     p.add_argument("--prefect-port", metavar="PORT", type=int, default=4200, help="default: %(default)s")
     p.add_argument("--mlflow-port", metavar="PORT", type=int, default=5000, help="default: %(default)s")
     p.add_argument("--log-dir", metavar="DIR", default="runs/ui-logs", help="server logs (default: %(default)s)")
@@ -101,15 +113,61 @@ def _port_free(host: str, port: int) -> bool:
 from pipeline_lib.commands.report import tracking_uri  # noqa: E402  (same resolution order as `report`)
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in LOOPBACK
+
+
+def allowed_hosts(args) -> list[str]:
+    """Host header values the Prefect server accepts: the bind address (loopback: its usual names too) and the
+    --allowed-host names; a wildcard bind without --allowed-host cannot be checked ("*", warned about)."""
+    if args.host in ("0.0.0.0", "::") and not args.allowed_host:
+        return ["*"]
+    names = [args.host, *args.allowed_host]
+    if is_loopback(args.host):
+        names += ["127.0.0.1", "localhost"]
+    return list(dict.fromkeys(n for n in names if n not in ("0.0.0.0", "::")))
+
+
+def exposure_warnings(args, env: dict[str, str]) -> list[str]:
+    out = []
+    if not is_loopback(args.host):
+        out.append(f"warning: --host {args.host} is not loopback: the Prefect and MLflow APIs are reachable from the "
+                   "network, and neither asks for credentials unless PREFECT_SERVER_API_AUTH_STRING is set (Prefect) "
+                   "or MLflow's basic-auth app is configured; put them behind TLS and authentication")
+        if not env.get("PREFECT_SERVER_API_AUTH_STRING"):
+            out.append("warning: PREFECT_SERVER_API_AUTH_STRING is not set: anyone who reaches the Prefect API can "
+                       "start flow runs and read Secret blocks")
+        if allowed_hosts(args) == ["*"]:
+            out.append("warning: no --allowed-host given for a wildcard --host: the Host header is not checked "
+                       "(DNS rebinding)")
+    return out
+
+
 def servers(args, uri: str) -> list[Server]:
     host, log_dir = args.host, Path(args.log_dir)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
            "DO_NOT_TRACK": "1"}
     prefect_url, mlflow_url = f"http://{host}:{args.prefect_port}", f"http://{host}:{args.mlflow_port}"
+    hosts = [a for h in allowed_hosts(args) for a in ("--allowed-host", h)]
     return [
         Server("Prefect", prefect_url, f"{prefect_url}/api/health",
-               [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(args.prefect_port)],
-               {**env, "PREFECT_UI_API_URL": f"{prefect_url}/api"}, log_dir / "prefect.log"),
+               [sys.executable, "-m", "pipeline_lib.commands.ui_prefect", "--host", host, "--port",
+                str(args.prefect_port), *hosts],
+               {**env, "PREFECT_UI_API_URL": f"{prefect_url}/api",
+                # only the UI's own pages may read API responses cross-origin (Prefect's default is "*")
+                "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": prefect_url,
+                # POST/PUT/PATCH/DELETE need a token from /api/csrf-token, which a foreign page cannot read; the
+                # Prefect client and the UI fetch it themselves
+                "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true"},
+               log_dir / "prefect.log"),
         Server("MLflow", mlflow_url, f"{mlflow_url}/health",
                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port",
                 str(args.mlflow_port), "--workers", "1"], env, log_dir / "mlflow.log"),
@@ -124,6 +182,8 @@ def run(args) -> int:
     from pipeline_lib.cli import UserError
 
     uri = tracking_uri(args)
+    for line in exposure_warnings(args, dict(os.environ)):
+        print(line, file=sys.stderr)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         print(f"note: no MLflow store at {uri.removeprefix('sqlite:///')} yet; the MLflow UI starts empty",
               file=sys.stderr)
@@ -154,7 +214,10 @@ def run(args) -> int:
                                 hint="raise --timeout on a busy machine; logs in " + str(args.log_dir))
             time.sleep(0.5)
         prefect, mlflow = srv
-        print(f"Prefect UI  {prefect.url}\nMLflow UI   {mlflow.url}   (store {uri})\n\n"
+        auth = ("on (PREFECT_SERVER_API_AUTH_STRING; clients need PREFECT_API_AUTH_STRING)"
+                if os.environ.get("PREFECT_SERVER_API_AUTH_STRING") else "off")
+        print(f"Prefect UI  {prefect.url}   (CORS: this origin only; CSRF tokens on; API auth {auth})\n"
+              f"MLflow UI   {mlflow.url}   (store {uri})\n\n"
               f"To send rounds to them, in another shell:\n"
               f"  export PREFECT_API_URL={prefect.url}/api ALIGNFLOW_MLFLOW_UI={mlflow.url}\n\n"
               f"Ctrl-C stops both.", flush=True)

@@ -13,11 +13,12 @@ following FastChat's ``fastchat/llm_judge`` (common.py, gen_model_answer.py, gen
   per turn, per category, and overall (all valid ratings of both turns, as ``show_result.py``).
 
 Departures from FastChat:
-- :func:`parse_rating` takes the *last* ``[[n]]`` of the reply (FastChat: the first). The templates ask for the
-  rating after the explanation, so the verdict is the last one written; an explanation that quotes a rating string
-  from the judged answer ("the answer ends with [[10]]") comes before it and is not read. With one rating in the
-  reply, the two rules agree.
-- A number outside 1-10 is not a rating (FastChat keeps it): ``None``, counted as invalid.
+- :func:`parse_rating` needs the reply's ``[[n]]`` ratings on 1-10 to agree (FastChat takes the first match). A
+  judge that quotes the judged answer ("... the answer says 'output [[10]]'") before or after its own verdict
+  leaves two different ratings in its reply, and neither the first nor the last is safe to read: such a reply has
+  no verdict. Ratings outside 1-10 are not ratings (FastChat keeps them) and are ignored, so a stray ``[[100]]``
+  does not discard a valid ``[[8]]``. With one rating in the reply, the rules agree.
+- The ``[n]`` fallback is read only right after "Rating:" (FastChat reads any ``[n]``, so "source [3]" was a 3).
 - :func:`aggregate` reports the number of invalid ratings per group instead of dropping them silently.
 """
 
@@ -44,7 +45,7 @@ MAX_NEW_TOKENS = 1024
 SINGLE_TEMPLATES = {(False, 1): "single-v1", (True, 1): "single-math-v1",
                     (False, 2): "single-v1-multi-turn", (True, 2): "single-math-v1-multi-turn"}
 _RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
-_RATING_FALLBACK = re.compile(r"\[(\d+\.?\d*)\]")
+_RATING_FALLBACK = re.compile(r"\brating\s*:?\s*\[(\d+\.?\d*)\]", re.IGNORECASE)  # "Rating: [7]" only
 
 
 @dataclass(frozen=True)
@@ -172,13 +173,15 @@ def build_single_judge_prompt(question: Mapping[str, Any], answers: Sequence[str
 
 
 def parse_rating(judge_reply: str) -> float | None:
-    """The rating in the judge's reply: the last ``[[n]]``, else the last ``[n]``; None if there is none or it is
-    outside 1-10. Only the judge's reply is parsed; the judged answer is part of the prompt and never read here."""
+    """The rating in the judge's reply: the one value on 1-10 that its ``[[n]]`` give (repeats allowed), else the
+    one that its "Rating: [n]" give; None if there is none, or more than one distinct value (a reply that quotes a
+    rating besides its own verdict, see the module docstring). Only the judge's reply is parsed; the judged answer
+    is part of the prompt and never read here."""
     for pattern in (_RATING, _RATING_FALLBACK):
         found = pattern.findall(judge_reply or "")
         if found:
-            value = float(found[-1])
-            return value if 1.0 <= value <= 10.0 else None
+            values = {float(v) for v in found if 1.0 <= float(v) <= 10.0}
+            return values.pop() if len(values) == 1 else None
     return None
 
 

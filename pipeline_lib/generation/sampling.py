@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,7 +71,8 @@ def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpe
     }
     if progress is not None:
         progress.set(progress.done)  # the start line; the rate is then per second of worker time, engine load included
-    with tempfile.TemporaryDirectory(prefix="alignflow-gen-") as tmp:
+    sweep_stale_tmp()
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.parquet"
         spec_path.write_text(json.dumps(payload))
         proc = subprocess.Popen(
@@ -86,6 +89,27 @@ def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpe
         progress.update(len(df), extra=f"{stats['generated_tokens'] / max(stats['generate_s'], 1e-9):.0f} tok/s, "
                                        f"engine load {fmt_duration(stats['load_s'])}")
     return df, stats
+
+
+TMP_PREFIX = "alignflow-gen-"
+
+
+def sweep_stale_tmp() -> list[Path]:
+    """Remove the temporary directories (prompt ids, generations) of vLLM calls whose process is gone: a kill -9
+    skips TemporaryDirectory's cleanup, and they piled up in /tmp. Only this user's, only of dead processes."""
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
+        pid = d.name[len(TMP_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or d.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        except OSError:  # alive under another user (EPERM), or the directory went away
+            continue
+    return removed
 
 
 def _relay(stream, echo: bool, keep: int = 4000) -> str:

@@ -108,8 +108,11 @@ def generate_prompts(n: int, seed: int, split: Literal["train", "heldout"]) -> p
             prompt = " ".join([task, *(text for _, _, text in cons)])
             if prompt not in seen:
                 break
-        else:
-            raise ValueError(f"could not draw {n} distinct prompts for split {split!r}")
+        else:  # the generator's combinations are used up: a one-line data error, not a traceback
+            from pipeline_lib.prompts.validate import DataError
+
+            raise DataError("builtin prompts", None, f"the generator ran out of distinct {split} prompts after {i} "
+                                                     f"of {n}; lower the prompt count or use a file or hub source")
         seen.add(prompt)
         ids, kwargs = [c[0] for c in cons], [c[1] for c in cons]
         rows.append({"prompt_id": sha256_json({"prompt": prompt, "instruction_id_list": ids, "kwargs": kwargs})[:16],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +174,24 @@ def test_rerun_hits_the_cache_for_every_stage_and_logs_no_duplicate_runs(smoke):
     assert stage_states and all(s == "Cached" for s in stage_states.values()), states
     _, children_after = _children(cfg, summary["mlflow_run_id"])
     assert len(children_after) == len(children_before)
+
+
+def test_a_new_mlflow_store_gets_every_stage_run_again(smoke, tmp_path):
+    """Issue 22: the same round on a new MLflow store with the task cache warm. Before: cache hits, a parent run with
+    no stage runs, nothing said. Now every stage runs again against its existing artifact (same digests, no
+    recomputation: the artifacts' files are untouched) and logs its run in the new store."""
+    from flows.round import alignment_round
+
+    cfg, summary, _ = smoke
+    paths = [p for p in Path(cfg.run.work_dir).glob("artifacts/*/*/manifest.json")]
+    mtimes = {p: p.stat().st_mtime_ns for p in paths}
+    new = cfg.model_copy(update={"run": cfg.run.model_copy(
+        update={"mlflow_tracking_uri": f"sqlite:///{tmp_path / 'new.db'}"})})
+    again = alignment_round(new)
+    assert again["artifacts"] == summary["artifacts"]
+    assert {p: p.stat().st_mtime_ns for p in paths} == mtimes
+    _, children = _children(new, again["mlflow_run_id"])
+    assert {r.info.run_name for r in children} == STAGE_RUNS
 
 
 def test_stage_task_runs_carry_no_tags(smoke):

@@ -191,12 +191,13 @@ def test_retry_transient_on_real_prefect_tasks(prefect_server):
     """With the stage tasks' retry policy (2 retries, retry_transient), a task that raises RuntimeError twice and
     then succeeds runs 3 times and completes; one that raises ValueError (bad input) runs once and fails."""
     from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tasks.common import task_options
 
     calls = {"flaky": 0, "bad": 0}
-    opts = {**task_options("x"), "retry_delay_seconds": 0, "cache_key_fn": None, "persist_result": False}
+    opts = {**task_options("x"), "retry_delay_seconds": 0, "cache_policy": NO_CACHE, "persist_result": False}
 
     @task(**{**opts, "name": "flaky"})
     def flaky() -> str:

@@ -207,7 +207,7 @@ def test_bad_request_from_vllm_serve_is_not_retried(vllm_server, judge_model):
 @pytest.mark.slow
 def test_in_process_vllm_backend_matches_the_server(vllm_server, judge_model, tmp_path):
     """The ``vllm`` backend (an in-process engine, run in a child process so its memory goes when it ends) gives the
-    same P(a > b) as the server for every pair."""
+    same P(a > b) as the server for every pair, and counts the same tokens as the server reports in ``usage``."""
     http = build_judge({"kind": "llm", "base_url": vllm_server, "model": str(judge_model)})
     expected = [http.compare(*pair) for pair in PAIRS]
     script = (
@@ -216,10 +216,15 @@ def test_in_process_vllm_backend_matches_the_server(vllm_server, judge_model, tm
         "j = build_judge({'kind': 'llm', 'backend': 'vllm', 'model': sys.argv[1],\n"
         "                 'engine_kwargs': {'max_model_len': 512, 'dtype': 'float32'}})\n"
         "pairs = json.loads(sys.argv[2])\n"
-        "print('RESULT', json.dumps(j.compare_many([tuple(p) for p in pairs]).tolist()))\n")
+        "print('RESULT', json.dumps(j.compare_many([tuple(p) for p in pairs]).tolist()))\n"
+        "print('STATS', json.dumps(j.client.stats))\n")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     out = subprocess.run([sys.executable, "-c", script, str(judge_model), json.dumps(PAIRS)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[7:])
     assert got == pytest.approx(expected, abs=1e-5)
+    stats = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("STATS"))[6:])
+    tokens = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
+    assert {k: stats[k] for k in tokens} == {k: http.client.stats[k] for k in tokens}
+    assert stats["completion_tokens"] == len(PAIRS) and http.client.stats["replies_without_usage"] == 0

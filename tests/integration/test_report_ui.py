@@ -36,6 +36,42 @@ def get(url: str, body: dict | None = None) -> tuple[int, bytes]:
         return r.status, r.read()
 
 
+def raw(port: int, method: str, path: str, headers: dict[str, str], body: bytes | None = None):
+    """One request with exactly these headers (a browser's Origin, a rebound Host): (status, lower-cased headers)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host="Host" in headers)
+        for k, v in {**headers, "Content-Length": str(len(body or b""))}.items():
+            conn.putheader(k, v)
+        conn.endheaders(body)
+        r = conn.getresponse()
+        r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}
+    finally:
+        conn.close()
+
+
+def assert_prefect_api_closed_to_other_origins(port: int) -> None:
+    """Issue 22, finding 7: what a web page open in the user's browser can do with the Prefect API of `alignflow ui`.
+    Before: `access-control-allow-origin: *` on every answer, flow runs created from any page, any Host accepted."""
+    own, evil = f"http://127.0.0.1:{port}", "http://evil.example"
+    status, h = raw(port, "GET", "/api/health", {"Origin": evil})
+    assert status == 200 and "access-control-allow-origin" not in h  # a foreign page cannot read answers
+    assert raw(port, "GET", "/api/health", {"Origin": own})[1].get("access-control-allow-origin") == own
+    status, h = raw(port, "OPTIONS", "/api/flows/", {"Origin": evil, "Access-Control-Request-Method": "POST",
+                                                     "Access-Control-Request-Headers": "content-type"})
+    assert "access-control-allow-origin" not in h  # no preflight passes: no JSON POST from a foreign page
+    # a form-like POST needs no preflight, and Prefect reads its body as JSON: refused without a CSRF token
+    status, _ = raw(port, "POST", "/api/flows/", {"Origin": evil, "Content-Type": "text/plain"}, b'{"name": "evil"}')
+    assert status == 403
+    # DNS rebinding: the page's own host name resolved to 127.0.0.1 makes it same-origin; its Host is refused
+    assert raw(port, "GET", "/api/health", {"Host": f"evil.example:{port}"})[0] == 400
+    status, body = get(f"{own}/ui-settings")
+    assert json.loads(body)["csrf_enabled"] is True  # the UI fetches tokens itself
+
+
 def refused(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -82,6 +118,13 @@ def test_ui_serves_both_and_sigint_stops_both(tmp_path):
         # The UI is told where its API is (else it calls port 4200 whatever port the server has).
         status, body = get(f"http://127.0.0.1:{p_port}/ui-settings")
         assert status == 200 and json.loads(body)["api_url"] == f"http://127.0.0.1:{p_port}/api"
+        assert_prefect_api_closed_to_other_origins(p_port)
+        # The Prefect client (workers, `alignflow run`) fetches its CSRF token by itself: its POSTs still work.
+        probe = subprocess.run([sys.executable, "-c", "from prefect.client.orchestration import get_client\n"
+                                "with get_client(sync_client=True) as c: print(c.create_flow_from_name('csrf-probe'))"],
+                               env={**ui_env(tmp_path), "PREFECT_API_URL": f"http://127.0.0.1:{p_port}/api"},
+                               capture_output=True, text=True, timeout=120)
+        assert probe.returncode == 0 and len(probe.stdout.strip()) == 36, probe.stderr[-2000:]
         # MLflow serves the store we named: the experiment created in it above is listed.
         status, body = get(f"http://127.0.0.1:{m_port}/api/2.0/mlflow/experiments/search", {"max_results": 50})
         assert status == 200
@@ -100,6 +143,22 @@ def test_ui_serves_both_and_sigint_stops_both(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_exposure_warnings_and_allowed_hosts():
+    """A non-loopback --host is warned about (and a missing auth string, and an unchecked Host); loopback is not."""
+    import argparse
+
+    from pipeline_lib.commands.ui import allowed_hosts, exposure_warnings
+
+    local = argparse.Namespace(host="127.0.0.1", allowed_host=[])
+    assert exposure_warnings(local, {}) == [] and allowed_hosts(local) == ["127.0.0.1", "localhost"]
+    lan = argparse.Namespace(host="0.0.0.0", allowed_host=[])
+    w = exposure_warnings(lan, {})
+    assert len(w) == 3 and "not loopback" in w[0] and "AUTH_STRING" in w[1] and "DNS rebinding" in w[2]
+    named = argparse.Namespace(host="0.0.0.0", allowed_host=["gpu-box.lan"])
+    assert allowed_hosts(named) == ["gpu-box.lan"]
+    assert len(exposure_warnings(named, {"PREFECT_SERVER_API_AUTH_STRING": "admin:pw"})) == 1
 
 
 def test_a_busy_port_is_named_before_anything_starts(tmp_path):

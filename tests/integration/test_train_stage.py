@@ -40,6 +40,22 @@ def _margin(path, tok, df):
     return sum(out) / len(out)
 
 
+def test_diverged_training_saves_nothing(tiny_model, tmp_path):
+    """Issue 22, finding 1: learning rate 1e30 (finite, so it passes the config) turns every weight of the tiny model
+    into NaN within 2 steps; before, the checkpoint was saved (and a round registered it) with "loss 0.0" in its log.
+    Now the stage refuses before writing anything, naming the weights and the knob; a ValueError, so not retried."""
+    from pipeline_lib.training import TrainingDivergedError
+
+    torch.set_num_threads(1)
+    _, pairs = _pairs(tiny_model, tmp_path)
+    cfg = TrainConfig(learning_rate=1e30, epochs=2, batch_size=3, max_length=128, bf16=False, warmup_ratio=0.0)
+    with pytest.raises(TrainingDivergedError, match=r"426,624 of 426,624 weights are not finite.*nothing saved.*"
+                                                    r"train.learning_rate \(1e\+30\)") as e:
+        train(tiny_model, pairs, cfg, MethodConfig(), tmp_path / "work", quiet=True)
+    assert isinstance(e.value, ValueError)
+    assert not list((tmp_path / "work" / "artifacts" / "train").glob("*/manifest.json"))
+
+
 @pytest.mark.parametrize("lora_r", [0, 8])
 def test_training_raises_the_margin_and_saves_a_plain_checkpoint(tiny_model, tmp_path, lora_r):
     from transformers import AutoModelForCausalLM, AutoTokenizer

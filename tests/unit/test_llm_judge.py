@@ -208,11 +208,72 @@ def test_secret_never_in_logs_errors_or_reprs(monkeypatch, caplog):
         with pytest.raises(JudgeRequestError) as err:
             judge.compare("q", "a", "b")
     assert srv.headers[0]["Authorization"] == f"Bearer {key}"
-    assert "401" in str(err.value) and "***" in str(err.value)
+    assert "401" in str(err.value) and "body not shown" in str(err.value)
     assert any("retrying" in r.getMessage() for r in caplog.records)
     texts = [caplog.text, str(err.value), repr(judge.options), str(judge.options), repr(judge.client),
              json.dumps(judge.identity()), judge.options.model_dump_json()]
     assert all(key not in t for t in texts)
+
+
+def _fragments(key: str, n: int) -> set[str]:
+    return {key[i:i + n] for i in range(len(key) - n + 1)}
+
+
+@pytest.mark.parametrize("status", [401, 403, 400, 500])
+def test_key_near_the_excerpt_cut_leaves_no_fragment(monkeypatch, caplog, status):
+    """Issue 22, finding 6: a reply body with the 17-character key at character 290. Cutting the body to 300
+    characters before redacting put 10 of its characters into the error (and so the terminal and Prefect's
+    database). Now 401/403 bodies are not quoted at all, other bodies are redacted first: no run of 8 characters of
+    the key in any error or log record. 500 is retried (its excerpt is logged), then fails as unavailable."""
+    key = "sk-7f3a9c1e5b2d84"  # 17 characters
+    monkeypatch.setenv("JUDGE_KEY_T3", key)
+    body = {"error": "x" * (290 - len('{"error": "')) + key + " was rejected; " + "y" * 200}
+    assert json.dumps(body).index(key) == 290
+    with Loopback(scripted((status, body, 0.0))) as srv, caplog.at_level(logging.DEBUG):
+        judge = build_judge(pairwise_cfg(srv.url, api_key_env="JUDGE_KEY_T3", max_retries=1))
+        with pytest.raises((JudgeRequestError, JudgeUnavailableError)) as err:
+            judge.compare("q", "a", "b")
+    assert f"HTTP {status}" in str(err.value)
+    leaks = [f for f in _fragments(key, 8) if f in str(err.value) or f in caplog.text]
+    assert not leaks
+    if status in (401, 403):
+        assert "body not shown" in str(err.value) and "xxxx" not in str(err.value)
+    else:
+        assert "xxxx" in str(err.value)  # the rest of the body is still quoted
+        assert (status == 500) == (len(srv.bodies) == 2)
+
+
+def test_redact_pieces_of_the_key():
+    """The whole key, a prefix cut by someone else's truncation, a suffix and a middle run of >= 8 characters are
+    replaced; runs of 7 or fewer are not (ordinary text); the limit applies after redaction."""
+    from pydantic import SecretStr
+
+    from pipeline_lib.judges.llm.secrets import redact
+
+    key = SecretStr("sk-7f3a9c1e5b2d84")
+    assert redact("got sk-7f3a9c1e5b2d84!", key) == "got ***!"
+    assert redact("got 'sk-7f3a9c1e5b'", key) == "got '***'"  # a prefix (the server cut it)
+    assert redact("..9c1e5b2d84 and 7f3a9c1e", key) == "..*** and ***"  # suffix, middle
+    assert redact("sk-7f3a9 is short", key) == "sk-7f3a9 is short".replace("sk-7f3a9", "***")
+    assert redact("sk-7f3a is seven", key) == "sk-7f3a is seven"  # 7 characters: not recognised
+    assert redact("a" * 290 + "sk-7f3a9c1e5b2d84" + "b" * 20, key, limit=300) == "a" * 290 + "***" + "b" * 7
+    assert redact("anything", None, limit=3) == "any"
+
+
+def test_token_usage_is_added_up():
+    """Two successful replies reporting usage (12+1, 30+1 tokens) and one without; a 500 in between counts none."""
+    def with_usage(p, c):
+        return {**completion("m", {"m": -0.5, "M": -1.5}),
+                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}
+    steps = [(200, with_usage(12, 1), 0.0), (500, {"error": "busy"}, 0.0), (200, with_usage(30, 1), 0.0), OK_M]
+    with Loopback(scripted(*steps)) as srv:
+        judge = build_judge(pairwise_cfg(srv.url))
+        for i in range(3):
+            judge.compare("q", f"a{i}", f"b{i}")
+    assert len(srv.bodies) == 4
+    st = judge.client.stats
+    assert (st["prompt_tokens"], st["completion_tokens"], st["total_tokens"]) == (42, 2, 44)
+    assert st["replies_without_usage"] == 1 and st["requests"] == 3 and st["retries"] == 1
 
 
 # -- retries and concurrency on real HTTP --------------------------------------------------------------------------
@@ -222,7 +283,9 @@ def test_retries_429_then_500_then_success():
     with Loopback(scripted((429, {"error": "slow down"}, 0.0), (500, {"error": "oops"}, 0.0), OK_M)) as srv:
         judge = build_judge(pairwise_cfg(srv.url, max_retries=3))
         p = judge.compare("q", "a", "b")
-    assert len(srv.bodies) == 3 and judge.client.stats == {"requests": 1, "attempts": 3, "retries": 2}
+    assert len(srv.bodies) == 3
+    assert {k: judge.client.stats[k] for k in ("requests", "attempts", "retries")} == \
+        {"requests": 1, "attempts": 3, "retries": 2}
     expected = SIGMA_1 if judge.protocol.a_first("q", "a", "b") else 1 - SIGMA_1
     assert p == pytest.approx(expected, abs=1e-12)
     body = srv.bodies[-1]

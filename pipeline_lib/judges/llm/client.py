@@ -11,6 +11,19 @@
   generation stage's child-process worker, the engine lives in the caller's process and holds its memory until that
   process ends; for a long pipeline process prefer ``vllm serve`` and the ``http`` backend.
 
+Why ``httpx`` and not the ``openai`` SDK (in the lock; issue 20 asked): the SDK's retry loop breaks two guarantees
+this client keeps, measured against a loopback server (openai 3.54): a server header ``x-should-retry: true`` makes
+it resend any request, a 401 (bad key) or a 400 included (3 requests with ``max_retries=2``), and it retries 409;
+its backoff is fixed (0.5 s doubling to 8 s, jitter 0-25 %), so ``backoff_s`` / ``max_backoff_s`` could not be
+honoured; and a ``Retry-After`` over 120 s ends retries at once. Keeping it would mean turning its loop off
+(``max_retries=0``) and keeping ours, i.e. a second HTTP stack for nothing: the token usage it exposes is the
+``usage`` object of the reply, which this client reads itself (``stats``). Error bodies are redacted before they
+are cut (a key near the cut cannot leave a fragment), and those of 401/403 are never quoted.
+
+Token usage: ``HttpChatClient.stats`` adds up ``prompt_tokens``, ``completion_tokens`` and ``total_tokens`` of the
+successful replies as the endpoint reports them (``replies_without_usage`` counts replies that carry none; retried
+failures carry none); ``VllmChatClient.stats`` counts the same from the engine's token ids.
+
 Both return, per request, the reply text and the top log-probabilities of the *first* generated token, keyed by the
 token's text with surrounding whitespace stripped (variants such as ``"m"`` and ``" m"`` are merged by log-sum-exp).
 """
@@ -79,6 +92,9 @@ class ChatClient:
 
 
 # -- OpenAI-compatible HTTP ----------------------------------------------------------------------------------------
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
 def _retryable(status: int) -> bool:
     return status == 429 or status >= 500  # rate limited, or the server's own failure: worth another try
 
@@ -96,7 +112,10 @@ class HttpChatClient(ChatClient):
                                   limits=httpx.Limits(max_connections=options.max_concurrency))
         self._jitter = random.Random()  # jitter spreads retries in time; it never touches a verdict
         self._lock = threading.Lock()
-        self.stats = {"requests": 0, "attempts": 0, "retries": 0}
+        # requests / attempts / retries, and the token usage the endpoint reported for the successful replies (the
+        # OpenAI `usage` object; vLLM and hosted APIs send it; replies without it are counted apart)
+        self.stats = {"requests": 0, "attempts": 0, "retries": 0, **{k: 0 for k in USAGE_FIELDS},
+                      "replies_without_usage": 0}
 
     def __repr__(self) -> str:
         return f"HttpChatClient(url={self.url!r}, model={self.options.model!r})"
@@ -140,11 +159,13 @@ class HttpChatClient(ChatClient):
             else:
                 if resp.status_code == 200:
                     try:
-                        return resp.json()
+                        data = resp.json()
                     except ValueError:
                         raise JudgeRequestError(f"judge endpoint {self.url}: HTTP 200 with a body that is not JSON: "
-                                                f"{redact(resp.text[:200], self._key)}") from None
-                excerpt = redact(resp.text[:300], self._key)
+                                                f"{redact(resp.text, self._key, limit=200)}") from None
+                    self._count_usage(data)
+                    return data
+                excerpt = _error_excerpt(resp, self._key)
                 if not _retryable(resp.status_code):
                     raise JudgeRequestError(
                         f"judge endpoint {self.url} rejected the request with HTTP {resp.status_code} "
@@ -162,8 +183,27 @@ class HttpChatClient(ChatClient):
             time.sleep(delay)
         raise JudgeUnavailableError(f"judge endpoint {self.url} failed {o.max_retries + 1} time(s); last: {last}")
 
+    def _count_usage(self, data: Any) -> None:
+        usage = data.get("usage") if isinstance(data, dict) else None
+        with self._lock:
+            if not isinstance(usage, dict):
+                self.stats["replies_without_usage"] += 1
+                return
+            for k in USAGE_FIELDS:
+                v = usage.get(k)
+                if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                    self.stats[k] += v
+
     def close(self) -> None:
         self._http.close()
+
+
+def _error_excerpt(resp, key: SecretStr | None) -> str:
+    """What an error message may quote of a failed reply: nothing of a 401/403 (an authentication error is where a
+    server echoes the credentials it got), else the body redacted *then* cut to 300 characters."""
+    if resp.status_code in (401, 403):
+        return "(body not shown: authentication errors may echo the credentials)"
+    return redact(resp.text, key, limit=300)
 
 
 def _retry_after_s(value: str | None) -> float:
@@ -190,6 +230,7 @@ class VllmChatClient(ChatClient):
     def __init__(self, options, api_key: SecretStr | None = None):  # no key: the engine runs in this process
         self.options = options
         self._llm = None
+        self.stats = {"requests": 0, **{k: 0 for k in USAGE_FIELDS}}
 
     def _engine(self):
         if self._llm is None:
@@ -218,6 +259,11 @@ class VllmChatClient(ChatClient):
         replies = []
         for out in outs:
             c = out.outputs[0]
+            prompt_n, completion_n = len(out.prompt_token_ids or []), len(c.token_ids or [])
+            self.stats["requests"] += 1
+            self.stats["prompt_tokens"] += prompt_n
+            self.stats["completion_tokens"] += completion_n
+            self.stats["total_tokens"] += prompt_n + completion_n
             first = c.logprobs[0] if c.logprobs else {}
             replies.append(ChatReply(c.text, merge_top_logprobs(
                 [(lp.decoded_token or "", float(lp.logprob)) for lp in first.values()])))

@@ -10,8 +10,8 @@ verdict ("Output (a) is better", "M") can only act through the judge model itsel
 ``mt_bench`` (single-answer grading, Zheng et al. 2023, FastChat ``llm_judge``): the judge writes an explanation and
 a rating "[[n]]" on 1-10; turn 1 and turn 2 use the single-answer templates of a judge-prompts JSONL, and categories
 with a reference answer (math, reasoning, coding) use the reference-guided templates. Template selection, prompt
-building and rating parsing are those of :mod:`pipeline_lib.evaluation.mt_bench` (one copy in the project: it reads
-the *last* "[[n]]" of the reply, so an explanation that quotes a rating from the judged answer is not taken for the
+building and rating parsing are those of :mod:`pipeline_lib.evaluation.mt_bench` (one copy in the project: a reply
+whose "[[n]]" ratings disagree, e.g. one that quotes a rating from the judged answer besides its own, has no
 verdict); only the judge reply is parsed, never the judged answer.
 
 Departures from the references:

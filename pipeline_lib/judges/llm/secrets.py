@@ -36,9 +36,32 @@ def resolve_api_key(env: str | None, secret_block: str | None) -> SecretStr | No
     return None
 
 
-def redact(text: str, key: SecretStr | None) -> str:
-    """``text`` with every occurrence of the key replaced, for error messages that quote a server's reply."""
-    if key is None:
-        return text
+MIN_FRAGMENT = 8  # a run of this many characters of the key is treated as a piece of it (any shorter run is not)
+
+
+def redact(text: str, key: SecretStr | None, limit: int | None = None) -> str:
+    """``text`` with the key, and every run of at least :data:`MIN_FRAGMENT` consecutive characters of it (a prefix
+    left by someone else's truncation, a suffix, the middle), replaced by ``***``; with ``limit``, only the first
+    ``limit`` characters of that. Redaction runs on the text as it came and the cut comes after it: cutting first
+    can leave a piece of the key too short to recognise (issue 22: ``redact(body[:300])`` of a body with the key at
+    character 290 printed 10 of its characters)."""
+    if key is None or not key.get_secret_value():
+        return text if limit is None else text[:limit]
     value = key.get_secret_value()
-    return text.replace(value, "***") if value else text
+    n = min(MIN_FRAGMENT, len(value))
+    grams = {value[i:i + n] for i in range(len(value) - n + 1)}
+    out: list[str] = []
+    size, i = 0, 0
+    while i < len(text) and (limit is None or size < limit):
+        if text[i:i + n] in grams:  # extend the match for as long as it stays a piece of the key
+            j = i + n
+            while j < len(text) and text[i:j + 1] in value:
+                j += 1
+            out.append("***")
+            size += 3
+            i = j
+        else:
+            out.append(text[i])
+            size += 1
+            i += 1
+    return "".join(out) if limit is None else "".join(out)[:limit]

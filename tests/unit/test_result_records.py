@@ -1,0 +1,54 @@
+"""tasks.results on its own (no server): what a record holds on disk, and how it reads back elsewhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from pipeline_lib.artifacts import write_table
+from tasks.results import ArtifactJSON, WorkDirResults
+
+
+def _record(obj, key: str) -> bytes:
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+
+    return ResultRecord(metadata=ResultRecordMetadata(storage_key=key, serializer=ArtifactJSON()),
+                        result=obj).serialize()
+
+
+def _read(store: WorkDirResults, key: str):
+    from prefect._internal.result_records import ResultRecord
+
+    return ResultRecord.deserialize(store.read_path(key, _sync=True)).result
+
+
+def test_dict_of_references_is_stored_relative_and_read_back_in_a_copy(tmp_path):
+    """The evaluation tasks return {benchmark: ArtifactRef}. On disk the paths are relative to the work dir; read
+    from a copied work dir they point into the copy."""
+    a = tmp_path / "a"
+    refs = {name: write_table(pd.DataFrame({"x": [i]}), a / "artifacts" / "data" / name, name=name, producer="t")
+            for i, name in enumerate(["alpaca_eval", "mt_bench"])}
+    store = WorkDirResults(basepath=str(a / "prefect-results"))
+    store.write_path("k1", _record(refs, "k1"), _sync=True)
+    on_disk = json.loads((a / "prefect-results" / "k1").read_bytes())
+    assert json.loads(on_disk["result"])["dict"]["mt_bench"]["ArtifactRef"]["path"] == "artifacts/data/mt_bench"
+    assert _read(store, "k1") == refs
+
+    shutil.copytree(a, tmp_path / "b")
+    got = _read(WorkDirResults(basepath=str(tmp_path / "b" / "prefect-results")), "k1")
+    assert {k: v.path for k, v in got.items()} == {k: str(tmp_path / "b" / "artifacts" / "data" / k) for k in refs}
+    assert {k: v.sha256 for k, v in got.items()} == {k: v.sha256 for k, v in refs.items()}
+
+    shutil.rmtree(tmp_path / "b" / "artifacts" / "data" / "alpaca_eval")  # one of the two is gone: no hit
+    with pytest.raises(ValueError, match="alpaca_eval is missing"):
+        _read(WorkDirResults(basepath=str(tmp_path / "b" / "prefect-results")), "k1")
+
+
+def test_only_known_types_are_written():
+    with pytest.raises(TypeError, match="not list"):
+        ArtifactJSON().dumps([1, 2])
+    with pytest.raises(ValueError, match="not an alignflow task result type: 'os.system'"):
+        ArtifactJSON().loads(b'{"os.system": "echo"}')
