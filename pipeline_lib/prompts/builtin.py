@@ -64,6 +64,7 @@ TOPICS = {
 # How many constraints a prompt carries: IFEval's 541 prompts have one (56%), two (33%) or three (11%).
 N_CONSTRAINTS = [(1, 0.5), (2, 0.35), (3, 0.15)]
 Constraint = tuple[str, dict, str]  # (instruction id, kwargs, sentence for the prompt)
+MAX_PER_TASK = 100  # prompts per base task a split may draw: beyond that, the same 500 tasks over and over
 
 
 def base_tasks(split: str) -> list[str]:
@@ -98,6 +99,12 @@ def generate_prompts(n: int, seed: int, split: Literal["train", "heldout"]) -> p
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     tasks = base_tasks(split)
+    if n > MAX_PER_TASK * len(tasks):  # refused before drawing: 10 million prompts would take minutes and GiBs
+        from pipeline_lib.prompts.validate import DataError
+
+        raise DataError("builtin prompts", None, f"{n} {split} prompts asked for; the generator draws at most "
+                                                 f"{MAX_PER_TASK * len(tasks)} ({MAX_PER_TASK} per base task): lower "
+                                                 "the prompt count or use a file or hub source")
     _rng(seed, split, "tasks").shuffle(tasks)
     rng = _rng(seed, split, "constraints")
     rows, seen = [], set()

@@ -22,7 +22,7 @@ def no_flow(monkeypatch, tmp_path):
     ("judge.model=/no/such/reward-model", "model '/no/such/reward-model': no such directory"),  # after a collect
     ("initial_policy=/no/such/initial", "model '/no/such/initial': no such directory"),  # after the server
     ("policy=models:/nobody@champion", "model 'models:/nobody@champion': not found in the MLflow registry"),
-    ("prompts.n_train=10000000", "builtin prompts: the generator ran out of distinct train prompts after"),
+    ("prompts.n_train=10000000", "builtin prompts: 10000000 train prompts asked for; the generator draws at most"),
     ("collect.k=10000", "collect.k: Input should be less than or equal to 256"),
 ])
 def test_bad_reference_or_size_fails_before_the_flow(no_flow, capsys, override, needle):
