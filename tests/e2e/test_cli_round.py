@@ -107,3 +107,21 @@ def test_dry_run_predicts_the_cache(runs):
     summary = json.loads(again.stdout)
     assert all(r["cached"] for r in summary["cost"]["stages"]) and len(summary["cost"]["stages"]) == 8
     assert set(_stage_lines(again.stderr).values()) == {"cached"}
+
+
+def test_html_report_shows_the_same_cost(runs):
+    from mlflow.tracking import MlflowClient
+
+    tmp, _, first, _, _ = runs
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", first.stdout).group(1)
+    p = subprocess.run([sys.executable, "-m", "pipeline_lib.cli", "report", run_id, "--out", str(tmp / "report"),
+                        "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp)
+    assert p.returncode == 0, p.stderr[-2000:]
+    page = next((tmp / "report").rglob("*.html")).read_text()
+    section = page.split("<h2>Cost</h2>")[1].split("<h2>")[0]
+    total = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(run_id).data.metrics
+    for key in ("wall_s", "generated_tokens", "trained_tokens"):
+        shown = re.search(rf'data-metric="cost\.{key}" data-value="([^"]+)"', section).group(1)
+        assert float(shown) == total[f"cost.{key}"], key  # the round row: the parent run's totals, as stored
+    assert section.count("<details>") == 1 and ">collect<" in section  # the round's stages
