@@ -9,6 +9,7 @@ A test runs the smoke round and checks that the plan then predicts a cache hit f
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -55,6 +56,10 @@ def _champion(config: RoundConfig, policy: ResolvedModel | None) -> tuple[Resolv
     """The model the candidate is compared with: the registry's champion, or (first round) the policy."""
     from pipeline_lib.lineage import RoundLineage
 
+    uri = config.run.mlflow_tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return policy, "none registered yet (no MLflow store): the policy becomes the champion"  # and none created
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     mv = RoundLineage(config.run.mlflow_tracking_uri, config.run.experiment).alias_version(
         config.run.registered_model, "champion")
     if mv is None:
@@ -71,7 +76,7 @@ def plan_round(config: RoundConfig, policy_ref: str | None = None) -> dict[str, 
     if config.follow_champion and policy_ref is None:
         try:
             _, note = _champion(config, None)
-            if not note.startswith("none"):
+            if not note.startswith("none"):  # follow_champion: the registry's champion is the policy
                 ref = f"models:/{config.run.registered_model}@champion"
         except Exception:  # noqa: BLE001 - no registry yet
             pass
@@ -133,7 +138,7 @@ def describe_models(config: RoundConfig) -> list[tuple[str, str, str]]:
 
 
 def format_plan(title: str, config: RoundConfig, plan: dict[str, Any], models: list[tuple[str, str, str]],
-                data_note: str) -> str:
+                data_note: str, log_name: str = "") -> str:
     runs = sum(s == "runs" for _, s in plan["stages"])
     lines = [title]
     lines += [f"  {role:<10} {ref} -> {note}" for role, ref, note in models]
@@ -145,5 +150,5 @@ def format_plan(title: str, config: RoundConfig, plan: dict[str, Any], models: l
     lines.append(f"  {'artifacts':<10} {wd / 'artifacts'}/<stage>/<key>/ (Prefect results: {results_dir(wd)})")
     lines.append(f"  {'MLflow':<10} {config.run.mlflow_tracking_uri}, experiment {config.run.experiment!r}, "
                  f"registered model {config.run.registered_model!r}")
-    lines.append(f"  {'log':<10} {wd / 'logs'}/<time>-{config.name}.log")
+    lines.append(f"  {'log':<10} {wd / 'logs'}/<time>-{log_name or config.name}.log")
     return "\n".join(lines)

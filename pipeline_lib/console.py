@@ -83,6 +83,8 @@ class _ActionableWarnings(logging.Handler):
             if msg.startswith("Finished in state"):
                 return
             first = msg.strip().splitlines()[0] if msg.strip() else ""
+            if len(first) > 300:  # an exception's repr can carry a worker's whole output tail; the log has it all
+                first = first[:297] + "..."
             who = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None) or record.name
             self.stream.write(f"{record.levelname.lower()}: [{who}] {first}\n")
             self.stream.flush()

@@ -59,10 +59,11 @@ def dry_run(cfg, config_path: str) -> str:
         plan = plan_round(rc, policy_ref=policy)
         models = describe_models(rc) if k == 0 else [("policy", policy, "the previous round's checkpoint")]
         out.append(format_plan(f"plan: campaign {cfg.name!r} round {k + 1}/{cfg.rounds} ({config_path})", rc, plan,
-                               models, note))
+                               models, note, log_name=cfg.name))
         if plan["checkpoint"] is None:
+            later = f"round {k + 2}" if k + 2 == cfg.rounds else f"rounds {k + 2}-{cfg.rounds}"
             if k + 1 < cfg.rounds:
-                out.append(f"rounds {k + 2}-{cfg.rounds}: every stage runs (round {k + 1} trains a new checkpoint)")
+                out.append(f"{later}: every stage runs (round {k + 1} trains a new checkpoint)")
             break
         policy = plan["checkpoint"] if cfg.chain == "checkpoint" else f"models:/{rc.run.registered_model}@champion"
     return "\n".join(out)

@@ -96,3 +96,21 @@ def test_meter_sees_a_childs_cpu_time_and_memory():
     assert m["wall_s"] >= 1.0 and m["gpu_s"] == 0.0
     assert meter.read() is m  # reading again gives the same figures
     assert not math.isnan(m["wall_s"])
+
+
+def test_campaign_result_sums_its_rounds():
+    from pipeline_lib.commands.campaign import format_result
+
+    def summary(tokens, wall, peak):
+        total = sum_costs([stage_cost("collect", {**MEASURED, "wall_s": wall, "peak_rss_gib": peak},
+                                      {"generated_tokens": tokens, "generate_s": 10.0})])
+        return {"before": {"pass_rate_strict": 0.1}, "after": {"pass_rate_strict": 0.2}, "promoted": True,
+                "cost": {"stages": [], "total": total}}
+
+    text = format_result([summary(1000, 30.0, 2.0), summary(3000, 50.0, 5.0)])
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in text.splitlines()
+            if l.startswith("| round ") or l.startswith("| total")}
+    head = [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| campaign cost")).split("|")[2:-1]]
+    total = dict(zip(head, rows["total"]))
+    assert total["wall s"] == "80.0" and total["gen tokens"] == "4,000" and total["peak GiB"] == "5.00"
+    assert total["gen tok/s"] == "200.0"  # 4000 tokens over 2 x 10 s of generation
