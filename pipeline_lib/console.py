@@ -178,22 +178,10 @@ def add_output_options(parser) -> None:
 @contextlib.contextmanager
 def command_output(args, work_dir: str | Path, name: str) -> Iterator[Path | None]:
     """A command's terminal: quiet (library output to a new log under ``work_dir``) unless ``args.verbose``; the
-    log's path is printed at the end; ``args.quiet`` also turns off progress and stage lines."""
-    set_progress_lines(not getattr(args, "quiet", False))
+    log's path is printed at the end (``--quiet`` turns progress and stage lines off through ``run.quiet``)."""
     path = None if getattr(args, "verbose", False) else new_log_path(work_dir, name)
     with library_output_to(path):
         yield path
     if path is not None:
         say(f"log: {path}")
 
-
-_progress_lines = [True]
-
-
-def set_progress_lines(on: bool) -> None:
-    _progress_lines[0] = on
-
-
-def progress_lines() -> bool:
-    """Whether stage lines are shown (``--quiet`` turns them off)."""
-    return _progress_lines[0]

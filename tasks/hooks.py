@@ -64,8 +64,15 @@ def stage_finished(task, task_run, state) -> None:
             line += f" (cpu {m['cpu_s']:.0f} s, peak {m['peak_rss_gib']:.1f} GiB)"
     else:
         line = f"[{name}] failed" + (f" after {m['wall_s']:.1f} s" if m else "") + f": {state.message or state.name}"
-    if console.progress_lines():  # --quiet: off (the cost is still measured and logged)
+    if not _quiet():  # run.quiet / --quiet: no line (the cost is still measured and logged)
         console.say(line)
+
+
+def _quiet() -> bool:
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return bool(getattr((ctx.parameters or {}).get("ctx"), "quiet", False)) if ctx else False
 
 
 def cached_stages(flow_run_id: str) -> list[str]:

@@ -26,6 +26,7 @@ ALLOWED = [re.compile(p) for p in [
     r"^\|.*\|$",  # the metrics and cost tables
     r"^pairs: \d+ from \d+ prompts .*; MLflow run [0-9a-f]{32}$",
     r"^log: \S+\.log$",
+    r"^(warning|error): \[[^\]]+\] .*$",  # a run's warning, one line (a retried stage on a loaded machine)
     r"^$",
 ]]
 
@@ -90,7 +91,8 @@ def test_cost_totals_are_the_sums_of_the_stage_records(runs):
     # the collect stage's tokens are the ones its artifact recorded; every stage's wall time is within the round's
     collect = next(r for r in children if r.info.run_name == "collect").data.metrics
     assert collect["cost.generated_tokens"] == collect["generated_tokens"] > 0
-    assert 0 < total["cost.wall_s"] <= total["round_wall_s"]
+    round_wall = float(re.search(r"wall time (\d+) s", first.stdout).group(1))  # (the cached re-run logs its own)
+    assert 0 < total["cost.wall_s"] <= round_wall + 1
     assert 0 < total["cost.mfu"] < 1
     # the printed total row shows the same tokens
     total_row = next(l for l in first.stdout.splitlines() if l.startswith("| total "))
