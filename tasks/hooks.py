@@ -63,7 +63,8 @@ def stage_finished(task, task_run, state) -> None:
         if m:
             line += f" (cpu {m['cpu_s']:.0f} s, peak {m['peak_rss_gib']:.1f} GiB)"
     else:
-        line = f"[{name}] failed" + (f" after {m['wall_s']:.1f} s" if m else "") + f": {state.message or state.name}"
+        why = (state.message or state.name).strip().splitlines()[0][:300]  # the whole error is in the log
+        line = f"[{name}] failed" + (f" after {m['wall_s']:.1f} s" if m else "") + f": {why}"
     if not _quiet():  # run.quiet / --quiet: no line (the cost is still measured and logged)
         console.say(line)
 
