@@ -134,6 +134,8 @@ def describe_models(config: RoundConfig) -> list[tuple[str, str, str]]:
         else:
             m, note = locate(ref)
         out.append((role, ref, f"{note} (sha256 {m.short})" if m else note))
+    if not config.judge.get("model"):
+        out.append(("judge", str(config.judge.get("kind")), "no model to load"))
     return out
 
 

@@ -61,7 +61,8 @@ def stage_cost_metrics(stage: str, manifest: Mapping[str, Any], inputs: Mapping[
     if stage == "train" and inputs.get("policy") is not None:
         n_params = count_parameters(inputs["policy"].path)
         peak = matmul_peak_tflops("bfloat16" if config.get("bf16") else "float32")
-    judge = config if stage == "annotate" else config.get("judge") if isinstance(config.get("judge"), dict) else None
+    judge = config if stage == "annotate" else config.get("judge")  # where a price per token would be declared
+    judge = judge if isinstance(judge, Mapping) else None
     return prefixed(stage_cost(stage, meter.read(), manifest.get("metrics", {}), judge=judge, n_params=n_params,
                                epochs=config.get("epochs"), peak_tflops=peak))
 
