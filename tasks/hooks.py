@@ -33,8 +33,23 @@ def stage_run_name() -> str:
     return task_run.task_name
 
 
+def _gpus_asked(params: dict) -> int:
+    """GPUs a stage asks for: evaluate's tensor_parallel_size, collect's cfg.tensor_parallel_size, train's
+    cfg.num_processes; 1 otherwise."""
+    cfg = params.get("cfg")
+    for n in (params.get("tensor_parallel_size"), getattr(cfg, "tensor_parallel_size", None),
+              getattr(cfg, "num_processes", None)):
+        if isinstance(n, int) and n > 0:
+            return n
+    return 1
+
+
 def stage_started(task, task_run, state) -> None:
-    meter = StageMeter(uses_gpu=task.name in GPU_STAGES).start()
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    gpus = _gpus_asked(ctx.parameters or {}) if ctx else 1
+    meter = StageMeter(uses_gpu=task.name in GPU_STAGES, gpus=gpus).start()
     with _lock:
         old = _meters.pop(str(task_run.id), None)
         _meters[str(task_run.id)] = meter

@@ -3,8 +3,9 @@
 - ``cpu_s``: user + system CPU time of this process and of the child processes that ended during the stage (the
   vLLM worker, the multi-process trainer): ``getrusage(RUSAGE_SELF)`` and ``getrusage(RUSAGE_CHILDREN)`` deltas.
   The flow process's other threads (Prefect's log shipping, MLflow) are included: a little over the stage's own.
-- ``gpu_s``: for a stage that runs on GPUs, wall seconds x the GPUs it held (``CUDA_VISIBLE_DEVICES`` or all
-  visible); 0 on a CPU-only machine. The device-seconds a budget is charged for, not a utilisation.
+- ``gpu_s``: for a stage that runs on GPUs, wall seconds x the GPUs it asked for (tensor-parallel size, training
+  processes), at most those visible; 0 on a CPU-only machine. The device-seconds a budget is charged for, not a
+  utilisation.
 - ``peak_rss_gib``: the largest resident set of this process plus all its descendants, sampled every
   ``every_s`` (default 0.25 s) by a background thread while the stage runs; a spike shorter than that can be
   missed. ``peak_gpu_mem_gib``: ``torch.cuda.max_memory_allocated`` of this process (training in-process); the vLLM
@@ -58,6 +59,7 @@ class StageMeter:
     """Start when a stage starts, :meth:`read` when it ends (reading stops the sampler)."""
 
     uses_gpu: bool = False
+    gpus: int = 1  # GPUs the stage asked for (tensor_parallel_size, num_processes)
     every_s: float = 0.25
     t0: float = field(default_factory=time.perf_counter)
     cpu0: float = field(default_factory=_cpu_seconds)
@@ -89,7 +91,7 @@ class StageMeter:
             self._thread.join(timeout=2)
         self.peak_rss = max(self.peak_rss, tree_rss_bytes())
         wall = time.perf_counter() - self.t0
-        gpus = gpus_visible() if self.uses_gpu else 0
+        gpus = min(self.gpus, gpus_visible()) if self.uses_gpu else 0
         out = {"wall_s": wall, "cpu_s": _cpu_seconds() - self.cpu0, "gpu_s": wall * gpus,
                "peak_rss_gib": self.peak_rss / 2**30}
         if gpus:
