@@ -29,8 +29,9 @@ PEAKS = ["peak_rss_gib", "peak_gpu_mem_gib"]
 PREFIX = "cost."
 
 # The hook for a judge that talks to a metered endpoint: a stage whose manifest metrics carry these keys (requests
-# sent, prompt and completion tokens the endpoint reported) has them counted here. The HTTP judge client is to
-# report them; until it does, LLM-judge stages count no usage.
+# sent, prompt and completion tokens the endpoint reported) has them counted here, and priced when the judge's config
+# has ``price_per_million_tokens: {input: .., output: ..}``. The HTTP judge client is to report them and its options
+# to accept that key (pipeline_lib/judges/llm/); until then LLM-judge stages count no usage.
 JUDGE_USAGE_KEYS = {"judge_requests": "judge_requests", "judge_input_tokens": "judge_input_tokens",
                     "judge_output_tokens": "judge_output_tokens"}
 
