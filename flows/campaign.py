@@ -38,6 +38,17 @@ class CampaignConfig(Section):
     round: RoundConfig = RoundConfig()
 
 
+def round_config(config: CampaignConfig, k: int, policy: str) -> RoundConfig:
+    """Round k's config (0-based): its name, policy, fixed initial policy and prompt shard."""
+    rc = config.round.model_copy(deep=True)
+    rc.name = f"{config.name}-r{k + 1}"
+    rc.policy = policy
+    rc.initial_policy = config.round.initial_policy or config.round.policy  # train.reference=initial keeps it
+    if config.disjoint_prompts:
+        rc.prompts.num_shards, rc.prompts.shard = config.rounds, k
+    return rc
+
+
 @flow(name="alignment-campaign", log_prints=True)
 def alignment_campaign(config: CampaignConfig) -> dict:
     """Run ``config.rounds`` rounds, each from the previous round's model; returns ``{"rounds": [round summaries],
@@ -47,12 +58,7 @@ def alignment_campaign(config: CampaignConfig) -> dict:
     policy = config.round.policy
     t0 = time.perf_counter()
     for k in range(config.rounds):
-        rc = config.round.model_copy(deep=True)
-        rc.name = f"{config.name}-r{k + 1}"
-        rc.policy = policy
-        rc.initial_policy = config.round.initial_policy or config.round.policy  # train.reference=initial keeps it
-        if config.disjoint_prompts:
-            rc.prompts.num_shards, rc.prompts.shard = config.rounds, k
+        rc = round_config(config, k, policy)
         s = alignment_round.with_options(flow_run_name=rc.name)(rc, campaign=config.name, round_index=k + 1)
         summaries.append(s)
         policy = (s["checkpoint_path"] if config.chain == "checkpoint"

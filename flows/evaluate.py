@@ -51,11 +51,13 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
     """AlpacaEval 2, MT-Bench and/or IFEval for one model reference (``tiny:0``, ``models:/name@alias``, a directory, a hub
     id). ``benchmarks`` / ``judge`` default to the config's. Returns the metrics per benchmark and artifact paths."""
     from flows.round import _flow_run_id, _with_storage
+    from pipeline_lib.evaluation.data import use_eval_data_dir
     from tasks.stages import resolve_model_task
 
     logger = get_run_logger()
     t0 = time.perf_counter()
     benchmarks = list(dict.fromkeys(benchmarks or config.benchmarks))
+    use_eval_data_dir(config.run.eval_data_dir)  # the config's data directory, for every stage of this process
     judge = dict(judge or config.judge)
     prompts = config.mt_bench.judge_prompts or (bc.shared_mt_bench_file("judge_prompts.jsonl")
                                                  if "mt_bench" in benchmarks else None)

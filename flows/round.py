@@ -15,11 +15,13 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, sha256_json
 from pipeline_lib.config import PromotionConfig, RoundConfig
+from pipeline_lib.cost import prefixed, round_cost
 from pipeline_lib.lineage import RoundLineage
 from pipeline_lib.methods import PAIRINGS
 from pipeline_lib.models import ResolvedModel
 from tasks.common import RoundContext
 from tasks.evaluate import benchmark_data_task, ifeval_task
+from tasks.hooks import cached_stages
 from tasks.results import with_result_store as _with_storage  # checked JSON records, one run per cache key
 from tasks.stages import (annotate_task, collect_task, dataset_pairs_task, evaluate_task, hybrid_candidates_task,
                           hybrid_pair_task, hybrid_prompts_task, pair_task, prompts_task, resolve_model_task,
@@ -204,12 +206,15 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     stage_s = lineage.stage_seconds(parent, _flow_run_id())
     summary["stage_s"] = stage_s
     summary["overhead_share"] = 1.0 - stage_s / summary["wall_s"] if stage_s else float("nan")
+    # What the round cost, stage by stage, from the stage runs' cost.* metrics (pipeline_lib/cost)
+    summary["cost"] = round_cost(lineage.c, lineage.experiment_id, parent, _flow_run_id(),
+                                 cached_stages(_flow_run_id()))
     # cached stages log no run: the report finds producers by the alignflow.artifact.* tags
     lineage.finish_round(parent, {**{f"before.{k}": v for k, v in summary["before"].items()},
                                   **{f"after.{k}": v for k, v in summary["after"].items()},
                                   "round_wall_s": summary["wall_s"], "stage_s": stage_s,
                                   "overhead_share": summary["overhead_share"], "promoted": float(promoted),
-                                  **paired_metrics(paired)},
+                                  **paired_metrics(paired), **prefixed(summary["cost"]["total"])},
                          tags={**{f"alignflow.artifact.{n}": sha for n, sha in summary["artifacts"].items()},
                                "alignflow.promoted": str(promoted).lower(), "alignflow.promotion_reason": reason})
     from pipeline_lib.report.publish import log_round_charts

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = getattr(e, "hint", None)
         if hint:
             print(f"hint: {hint}", file=sys.stderr)
+        _name_log()
         return 2
     except OSError as e:  # a full disk, a read-only work dir: one line naming the cause and the file
         from pipeline_lib.errors import describe_storage_error, storage_error
@@ -101,7 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("alignflow: interrupted", file=sys.stderr)
+        _name_log()
         return 130
+    except Exception:
+        _name_log()
+        raise
+
+
+def _name_log() -> None:
+    """After a failure, say where the libraries' output of the run went (pipeline_lib/console.py)."""
+    from pipeline_lib.console import last_log
+
+    if last_log() is not None:
+        print(f"alignflow: the libraries' output of this run is in {last_log()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

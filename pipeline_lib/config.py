@@ -203,6 +203,8 @@ class RunConfig(Section):
     quiet: bool = False
     gpu_concurrency_limit: str = Field("", description="Prefect global concurrency limit held by GPU stages "
                                                        "(collect, train, evaluate), e.g. 'gpu'; empty: none")
+    eval_data_dir: str = Field("", description="evaluation data directory (alpaca_eval/, mt_bench/, ifeval/); "
+                                               "empty: ALIGNFLOW_EVAL_DATA, the HF cache, the development copy")
 
 
 class RoundConfig(Section):

@@ -298,3 +298,37 @@ def resolve(ref: str) -> ResolvedModel:
     if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", ref):
         return resolve_hub(ref)
     raise ModelError(f"model {ref!r}: not a known prefix ({', '.join(PREFIXES)}), a local directory, or a hub id")
+
+
+# -- locating without building (alignflow run --dry-run) ---------------------------------------------------------
+def locate(ref: str) -> tuple[ResolvedModel | None, str]:
+    """Where a reference resolves without loading or building anything: ``(model, note)``, with ``model`` None when
+    it would be built or downloaded first (the note says which). A reference that cannot resolve raises ModelError
+    as :func:`resolve` does."""
+    prefix, sep, arg = (ref or "").partition(":")
+    if sep and prefix == "embedded":
+        if arg not in EMBEDDED:
+            raise ModelError(f"model {ref!r}: unknown embedded model {arg!r}; known: {', '.join(EMBEDDED)}")
+        path = cache_dir() / "models" / arg
+        if (path / "config.json").is_file():
+            return _check_dir(ref, path), str(path)
+        gguf = _gguf_path(*EMBEDDED[arg])
+        return None, f"de-quantized from {gguf.name} on first use into {path}"
+    if sep and prefix in ("tiny", "tiny-rm"):
+        if not re.fullmatch(r"\d+", arg):
+            raise ModelError(f"model {ref!r}: expected {prefix}:<integer seed>")
+        path = cache_dir() / "models" / f"{prefix}-{arg}"
+        if (path / "config.json").is_file():
+            return _check_dir(ref, path), str(path)
+        return None, f"built on first use into {path} (seconds)"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", ref or "") and not Path(ref).expanduser().exists():
+        from huggingface_hub import snapshot_download
+
+        repo, _, revision = ref.partition("@")
+        try:
+            path = snapshot_download(repo, revision=revision or None, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the cache: the run downloads it
+            return None, "not in the Hugging Face cache: downloaded at run time"
+        return _check_dir(ref, Path(path)), path
+    m = resolve(ref)  # registry versions and local directories: nothing to build, only checks
+    return m, m.path

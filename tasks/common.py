@@ -19,6 +19,7 @@ from pipeline_lib.config import ConfigError
 from pipeline_lib.errors import storage_error
 from pipeline_lib.models import ModelError, ResolvedModel
 from pipeline_lib.stage import code_version
+from tasks.hooks import hook_options, meter_for_current_task
 
 
 class RoundContext(BaseModel):
@@ -40,11 +41,32 @@ class RoundContext(BaseModel):
         out = next(iter(outputs.values()))
         manifest = read_manifest(out.path)
         metrics = {**manifest.get("metrics", {}), "stage_s": _elapsed_in_task()}
+        metrics.update(stage_cost_metrics(stage, manifest, inputs, config))
         step_metrics = [r for r in manifest.get("log_history", []) if "step" in r]
         lin = RoundLineage(self.tracking_uri, self.experiment)
         return lin.stage_run(self.parent_run_id, stage, {k: as_ref(v) for k, v in inputs.items()}, outputs, config,
                              metrics, tags={"prefect.flow_run_id": self.flow_run_id},
                              step_metrics=step_metrics)
+
+
+def stage_cost_metrics(stage: str, manifest: Mapping[str, Any], inputs: Mapping[str, Any],
+                       config: Mapping[str, Any]) -> dict[str, float]:
+    """The stage's ``cost.*`` metrics: the task's meter plus what its manifest records (pipeline_lib/cost)."""
+    from pipeline_lib.cost import prefixed, stage_cost
+    from pipeline_lib.cost.accounting import count_parameters
+    from pipeline_lib.cost.meter import matmul_peak_tflops
+
+    meter = meter_for_current_task()
+    if meter is None:  # called outside a task run (tests of the stage alone)
+        return {}
+    n_params = peak = None
+    if stage == "train" and inputs.get("policy") is not None:
+        n_params = count_parameters(inputs["policy"].path)
+        peak = matmul_peak_tflops("bfloat16" if config.get("bf16") else "float32")
+    judge = config if stage == "annotate" else config.get("judge")  # where a price per token would be declared
+    judge = judge if isinstance(judge, Mapping) else None
+    return prefixed(stage_cost(stage, meter.read(), manifest.get("metrics", {}), judge=judge, n_params=n_params,
+                               epochs=config.get("epochs"), peak_tflops=peak))
 
 
 def _elapsed_in_task() -> float:
@@ -113,6 +135,7 @@ def task_options(name: str, retries: int = 2) -> dict[str, Any]:
         "cache_policy": CachePolicy.from_cache_key_fn(cache_key),
         "persist_result": True,
         "log_prints": False,  # library prints (e.g. datasets hashing dumps) would flood the run log
+        **hook_options(),  # run names by stage, a cost meter, one terminal line per stage (tasks/hooks.py)
     }
 
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+from pipeline_lib.console import add_output_options, command_output, stdout
 from pipeline_lib.evaluation.bench_config import BENCHMARKS, JUDGED
 
 
@@ -23,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. alpaca_eval.subset=20 judge.base_url=...")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_output_options(p)
     p.set_defaults(func=evaluate_command)
 
 
@@ -71,8 +73,9 @@ def evaluate_command(args) -> int:
         from pipeline_lib.models import resolve
 
         resolve(args.model)  # pre-flight: a missing model fails here, in one line, before Prefect starts
-    from flows.evaluate import evaluate_model
+    with command_output(args, cfg.run.work_dir, "evaluate"):
+        from flows.evaluate import evaluate_model
 
-    summary = evaluate_model(args.model, benchmarks=args.benchmarks, config=cfg)
-    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+        summary = evaluate_model(args.model, benchmarks=args.benchmarks, config=cfg)
+        print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary), file=stdout())
     return 0

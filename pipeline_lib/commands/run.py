@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from pipeline_lib.console import add_output_options, command_output, stdout
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run one alignment round (collect, annotate, pair, train, evaluate)",
@@ -14,6 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.beta=0.2")
     p.add_argument("--json", action="store_true", help="print the round summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress output (CI logs)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config and data, locate the models, print the plan (stages, expected cache "
+                        "hits, where artifacts and runs go) and exit; loads no model")
+    add_output_options(p)
     p.set_defaults(func=run)
 
 
@@ -51,16 +57,28 @@ def format_paired(paired: dict[str, dict]) -> list[str]:
     return lines
 
 
-def preflight_data(cfg) -> None:
-    """Every row of the round's data sources validated before any model is resolved (DataError: file, row, reason)."""
+def preflight_data(cfg) -> str:
+    """Every row of the round's data sources validated before any model is resolved (DataError: file, row, reason);
+    returns what was checked, in words."""
     from pipeline_lib.preference_data import validate_pairs
     from pipeline_lib.prompts.sources import load_prompt_table
 
-    load_prompt_table(cfg.prompts, "heldout", cfg.prompts.n_heldout)
+    n_held = len(load_prompt_table(cfg.prompts, "heldout", cfg.prompts.n_heldout))
+    source = getattr(cfg.prompts, "source", "builtin")
     if cfg.data.mode == "on_policy":
-        load_prompt_table(cfg.prompts, "train", cfg.prompts.n_train)
-    else:
-        validate_pairs(cfg.data.preference_data)
+        n_train = len(load_prompt_table(cfg.prompts, "train", cfg.prompts.n_train))
+        return f"prompts ({source}): {n_train} train and {n_held} held-out rows validated"
+    validate_pairs(cfg.data.preference_data)
+    return (f"prompts ({source}): {n_held} held-out rows validated; preference data "
+            f"({cfg.data.preference_data.source}) validated, mode {cfg.data.mode}")
+
+
+def dry_run(cfg, data_note: str, title: str) -> str:
+    """The plan of one round (``--dry-run``): models located, stages with their expected cache state."""
+    from flows.plan import describe_models, format_plan, plan_round
+
+    models = describe_models(cfg)  # raises ModelError for a reference that cannot resolve
+    return format_plan(title, cfg, plan_round(cfg), models, data_note)
 
 
 def preflight_models(cfg) -> None:
@@ -82,10 +100,22 @@ def run(args) -> int:
     overrides = list(args.overrides) + (["run.quiet=true"] if args.quiet else [])
     cfg = load_config(args.config, overrides)  # validates everything before any model is loaded
     os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.run.mlflow_tracking_uri)
-    preflight_data(cfg)
+    data_note = preflight_data(cfg)
+    if args.dry_run:
+        print(dry_run(cfg, data_note, f"plan: round {cfg.name!r} ({args.config})"), file=stdout())
+        return 0
     preflight_models(cfg)
-    from flows.round import alignment_round
+    with command_output(args, cfg.run.work_dir, cfg.name):
+        from flows.round import alignment_round
 
-    summary = alignment_round(cfg)
-    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
+        summary = alignment_round(cfg)
+        print(json.dumps(summary, indent=2, default=str) if args.json else format_result(summary), file=stdout())
     return 0
+
+
+def format_result(summary: dict) -> str:
+    """The printed result: the metrics table, then what the round cost (pipeline_lib/cost)."""
+    from pipeline_lib.cost import format_cost_table
+
+    out = format_table(summary)
+    return out + "\n\n" + format_cost_table(summary["cost"]) if summary.get("cost") else out

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.evaluation import lc_glm
-from pipeline_lib.evaluation.data import read_table, shared_dir
+from pipeline_lib.evaluation.data import eval_data_dir, read_table
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
 EVAL_SET_FILE = "alpaca_eval_gpt4_baseline.json"  # the 805 instructions with gpt4_1106_preview's outputs
@@ -238,7 +238,7 @@ DIFFICULTY_ESTIMATE_FILE = "instruction_difficulty_estimated.csv"
 def reproduction_rows(data_dir: str | Path | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Score every ``annotations/<model>.csv.gz`` in the shared AlpacaEval data and set it beside the published
     leaderboard row. Returns (one row per model on the leaderboard, models without a leaderboard row)."""
-    d = Path(data_dir) if data_dir else shared_dir() / "data" / "alpaca_eval"
+    d = Path(data_dir) if data_dir else eval_data_dir() / "alpaca_eval"
     board = pd.read_csv(d / LEADERBOARD_FILE, index_col=0)
     gamma = load_instruction_difficulty(d / DIFFICULTY_ESTIMATE_FILE)
     rows, absent = [], []

@@ -97,6 +97,7 @@ def judge_options(judge_cfg: Mapping[str, Any], protocol: str, judge_prompts: st
 
 
 def shared_mt_bench_file(name: str) -> str:
-    from pipeline_lib.evaluation.data import shared_dir
+    """A file of the evaluation data directory's ``mt_bench/`` (lookup: pipeline_lib/evaluation/data.py)."""
+    from pipeline_lib.evaluation.data import eval_data_dir
 
-    return str(shared_dir() / "data" / "mt_bench" / name)
+    return str(eval_data_dir() / "mt_bench" / name)

@@ -1,7 +1,17 @@
-"""Where the public evaluation data lives offline, and reading tabular files with errors that name the file.
+"""Where the offline evaluation data lives, and reading tabular files with errors that name the file.
 
-The product loads AlpacaEval and MT-Bench data from the Hugging Face hub; the copies under ``<repo>/../shared/data``
-(override the directory with ``ALIGNFLOW_SHARED_DIR``) let tests and offline runs use the same files.
+**Evaluation data directory**: a directory with one folder per benchmark, ``alpaca_eval/`` (the GPT-4 baseline
+outputs, instruction difficulties, leaderboard and annotations), ``mt_bench/`` (questions, GPT-4 reference answers,
+judge prompts) and ``ifeval/`` (``input_data.jsonl``). :func:`eval_data_dir` looks for it, first found wins:
+
+1. the config key ``run.eval_data_dir`` (set for the process by the flow that reads it: :func:`use_eval_data_dir`);
+2. the environment variable ``ALIGNFLOW_EVAL_DATA``;
+3. the Hugging Face cache: ``$HF_HOME/alignflow-eval-data`` (``~/.cache/huggingface/alignflow-eval-data``), so a
+   worker whose HF cache is pre-populated (a shared cache volume) has it beside its models;
+4. this checkout's development copy, ``<repo>/../shared/data`` (``ALIGNFLOW_SHARED_DIR`` moves the ``shared``
+   directory; the tests read their data there).
+
+A missing directory is a FileNotFoundError that lists the places looked at.
 """
 
 from __future__ import annotations
@@ -13,16 +23,61 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[2]
+ENV = "ALIGNFLOW_EVAL_DATA"
+HF_CACHE_NAME = "alignflow-eval-data"
+_configured: list[str | None] = [None]
+
+
+def use_eval_data_dir(path: str | None) -> None:
+    """The config's ``run.eval_data_dir`` for this process (empty: the other places are looked at)."""
+    _configured[0] = path or None
 
 
 def shared_dir() -> Path:
-    """The shared data directory (``ALIGNFLOW_SHARED_DIR``, default ``<repo>/../shared``); FileNotFoundError naming
-    the path and the variable when it is absent."""
+    """The development ``shared`` directory (``ALIGNFLOW_SHARED_DIR``, default ``<repo>/../shared``); FileNotFoundError
+    naming the path and the variable when it is absent."""
     d = Path(os.environ.get("ALIGNFLOW_SHARED_DIR", REPO.parent / "shared"))
     if not (d / "data").is_dir():
         raise FileNotFoundError(f"shared evaluation data not found: {d / 'data'} is not a directory (set "
                                 "ALIGNFLOW_SHARED_DIR to the directory that holds data/alpaca_eval and data/mt_bench)")
     return d
+
+
+def _hf_home() -> Path:
+    try:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HOME)
+    except Exception:  # noqa: BLE001 - the hub library missing or broken: its default location
+        return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+
+
+def eval_data_candidates(configured: str | None = None) -> list[tuple[str, Path]]:
+    """(where from, directory) in lookup order; see the module docstring."""
+    out = []
+    if configured or _configured[0]:
+        out.append(("run.eval_data_dir", Path(configured or _configured[0]).expanduser()))
+    if os.environ.get(ENV):
+        out.append((ENV, Path(os.environ[ENV]).expanduser()))
+    out.append(("the Hugging Face cache", _hf_home() / HF_CACHE_NAME))
+    out.append(("the development checkout", Path(os.environ.get("ALIGNFLOW_SHARED_DIR", REPO.parent / "shared"))
+                / "data"))
+    return out
+
+
+def eval_data_dir(configured: str | None = None) -> Path:
+    """The evaluation data directory (holds ``alpaca_eval/``, ``mt_bench/``, ``ifeval/``): the first of
+    :func:`eval_data_candidates` that exists. A configured path or ``ALIGNFLOW_EVAL_DATA`` that does not exist is an
+    error, not a reason to look elsewhere."""
+    looked = []
+    for where, d in eval_data_candidates(configured):
+        if d.is_dir():
+            return d
+        if where in ("run.eval_data_dir", ENV):
+            raise FileNotFoundError(f"evaluation data directory {d} (from {where}) does not exist")
+        looked.append(f"{where}: {d}")
+    raise FileNotFoundError("evaluation data not found; looked at " + "; ".join(looked) +
+                            f" (set run.eval_data_dir or {ENV} to a directory with alpaca_eval/ and mt_bench/)")
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,9 @@ import pandas as pd
 
 from pipeline_lib.child_process import child_env, die_with_parent
 from pipeline_lib.report.progress import Progress, fmt_duration
+
+
+TMP_PREFIX = "alignflow-gen-"
 
 
 class GenerationError(RuntimeError):
@@ -79,19 +83,22 @@ def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpe
             [sys.executable, "-m", "pipeline_lib.generation.vllm_worker", str(spec_path), str(out_path)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(), preexec_fn=die_with_parent,
         )
-        tail = _relay(proc.stdout, echo=not spec.quiet)
+        start, rows = (progress.done if progress is not None else 0), len(prompt_token_ids) * spec.n
+        on_count = None
+        if progress is not None:  # the last count comes with the worker's stats, below
+            def on_count(done: int) -> None:
+                if 0 < done * spec.n < rows:
+                    progress.set(start + done * spec.n)
+        tail = _relay(proc.stdout, echo=not spec.quiet, on_prompts_done=on_count)
         rc = proc.wait()
         if rc != 0 or not out_path.is_file():
             raise GenerationError(f"vLLM worker for {model_path} exited with {rc}:\n{tail}")
         df = pd.read_parquet(out_path)
         stats = json.loads((Path(str(out_path) + ".stats.json")).read_text())
     if progress is not None:
-        progress.update(len(df), extra=f"{stats['generated_tokens'] / max(stats['generate_s'], 1e-9):.0f} tok/s, "
+        progress.set(start + len(df), extra=f"{stats['generated_tokens'] / max(stats['generate_s'], 1e-9):.0f} tok/s, "
                                        f"engine load {fmt_duration(stats['load_s'])}")
     return df, stats
-
-
-TMP_PREFIX = "alignflow-gen-"
 
 
 def sweep_stale_tmp() -> list[Path]:
@@ -112,10 +119,17 @@ def sweep_stale_tmp() -> list[Path]:
     return removed
 
 
-def _relay(stream, echo: bool, keep: int = 4000) -> str:
-    """Copy the worker's output (vLLM's progress bar included) to our stderr while it runs; keep the tail for errors."""
+_BAR_COUNT = re.compile(rb"Processed prompts:[^|]*\|[^|]*\|\s*(\d+)/(\d+)")
+
+
+def _relay(stream, echo: bool, keep: int = 4000, on_prompts_done=None) -> str:
+    """Copy the worker's output (vLLM's progress bar included) to our stderr while it runs (the run's log unless
+    ``--verbose``: pipeline_lib/console.py); keep the tail for errors. ``on_prompts_done(n)`` gets the count of
+    vLLM's bar ("Processed prompts: ... n/N") as it moves, so the product's own progress line moves with it."""
     tail = b""
     for chunk in iter(lambda: stream.read1(4096), b""):
+        if on_prompts_done is not None and (counts := _BAR_COUNT.findall(tail[-200:] + chunk)):
+            on_prompts_done(int(counts[-1][0]))
         if echo:
             buf = getattr(sys.stderr, "buffer", None)
             buf.write(chunk) if buf is not None else sys.stderr.write(chunk.decode(errors="replace"))

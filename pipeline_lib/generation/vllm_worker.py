@@ -25,6 +25,42 @@ def _engine_env(spec: dict) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+CAST_LOADER = "alignflow_cast"
+
+
+def register_cast_loader() -> str:
+    """A weight loader that hands vLLM each floating-point tensor already in the model's dtype.
+
+    Why: our checkpoints (the de-quantized embedded model, every trained checkpoint) are float32 safetensors, and
+    vLLM runs them in bfloat16 (``dtype="auto"`` picks a 16-bit type for float32 checkpoints). Its default loader
+    copies each float32 tensor into a bfloat16 parameter and logs one warning per tensor (``vllm/model_executor/
+    models/utils.py``, ``AutoWeightsLoader._load_param``). ``tensor.to(bfloat16)`` and ``param.copy_(tensor)`` round
+    the same way (round-to-nearest-even), so casting first gives bit-identical parameters without the warnings; the
+    stored float32 weights (what training reads) are untouched. The cast applies only when every floating-point
+    parameter of the built model has the model dtype, so no parameter vLLM keeps in float32 is ever narrowed.
+    ``tests/integration/test_collect_progress_vllm.py`` checks identical token ids and log-probs with either loader."""
+    import dataclasses
+
+    from vllm.model_executor.model_loader import register_model_loader
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    @register_model_loader(CAST_LOADER)
+    class _CastingLoader(DefaultModelLoader):
+        def __init__(self, load_config):
+            super().__init__(dataclasses.replace(load_config, load_format="auto"))  # file discovery as "auto"
+
+        def get_all_weights(self, model_config, model):
+            target = model_config.dtype
+            dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+            cast = dtypes == {target}
+            for name, tensor in super().get_all_weights(model_config, model):
+                if cast and tensor.is_floating_point() and tensor.dtype != target:
+                    tensor = tensor.to(target)
+                yield name, tensor
+
+    return CAST_LOADER
+
+
 def run(spec: dict):
     import pandas as pd
 
@@ -32,6 +68,11 @@ def run(spec: dict):
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+
+    # One process, one engine: the loader is registered here (tensor-parallel workers in other processes would not
+    # see it, so they keep vLLM's own loader).
+    load_format = register_cast_loader() if spec.get("tensor_parallel_size", 1) == 1 and spec.get(
+        "cast_loader", True) else "auto"
 
     t0 = time.perf_counter()
     on_gpu = torch.cuda.is_available()
@@ -43,6 +84,7 @@ def run(spec: dict):
         max_model_len=spec.get("max_model_len"),
         gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
         tensor_parallel_size=spec.get("tensor_parallel_size", 1),
+        load_format=load_format,
     )
     t_load = time.perf_counter() - t0
     params = SamplingParams(

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Sequence
 
 from matplotlib.figure import Figure
 
+from pipeline_lib.cost.html import cost_section
 from pipeline_lib.report import charts
 from pipeline_lib.report.collect import STAGE_ORDER, ChainEntry, FinalComparison, ReportData, RoundData, StageRun
 
@@ -263,7 +264,8 @@ def render(data: ReportData) -> str:
     body = [f"<h1>alignflow report: {escape(data.title)}</h1>",
             f"<p class='meta'>MLflow <code>{escape(data.tracking_uri)}</code> · experiment "
             f"<b>{escape(data.experiment)}</b> · {len(data.rounds)} round(s) · generated {now}</p>", notes,
-            final_section(data.final), summary_section(data), trend_section(data), "<h2>Round details</h2>",
+            final_section(data.final), summary_section(data), trend_section(data), cost_section(data.rounds),
+            "<h2>Round details</h2>",
             *(round_section(r, i == len(data.rounds) - 1) for i, r in enumerate(data.rounds)),
             lineage_section(data.lineage), registry_section(data), config_section(data.rounds)]
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>alignflow: {escape(data.title)}"

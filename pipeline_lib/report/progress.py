@@ -13,7 +13,6 @@ is remaining / rate; both are undefined until two updates are apart in time, and
 from __future__ import annotations
 
 import re
-import sys
 import time
 from typing import Callable, TextIO
 
@@ -42,7 +41,7 @@ class Progress:
         if total < 0:
             raise ValueError(f"Progress {label!r}: total must be >= 0, got {total}")
         self.total, self.label, self.unit, self.quiet = int(total), label, unit, quiet
-        self.stream = stream if stream is not None else sys.stderr
+        self.stream = stream if stream is not None else _terminal()
         self.every_s, self.prefect_every_s, self.clock = every_s, prefect_every_s, clock
         self.done = 0
         self.extra = ""
@@ -155,6 +154,12 @@ class Progress:
                 print(f"[{self.label}] Prefect progress artifact disabled: {type(e).__name__}: {e}",
                       file=self.stream, flush=True)
             return None
+
+
+def _terminal() -> TextIO:
+    from pipeline_lib.console import terminal
+
+    return terminal()  # the terminal even while library output goes to the run's log (pipeline_lib/console.py)
 
 
 def _in_prefect_run() -> bool:

@@ -59,7 +59,9 @@ CASES = [
     ("change_case:english_capital", {}, "HELLO WORLD. THIS IS FINE.", True, True),
     ("change_case:english_capital", {}, "Hello world.", False, False),
     ("change_case:english_capital", {}, "Sure:\nTHIS IS THE ANSWER.", False, True),  # only the preamble is cased
-    ("change_case:english_capital", {}, SPANISH.upper(), False, False),  # capitals, but Spanish
+    # upper-case Spanish passes, as in the reference: langdetect skips n-grams inside all-capital words (its
+    # NGram.capitalword), so what is left reads as English
+    ("change_case:english_capital", {}, SPANISH.upper(), True, True),
     ("change_case:english_lowercase", {}, "hello world, this is fine.", True, True),
     ("change_case:english_lowercase", {}, "Hello world.", False, False),
     ("change_case:english_lowercase", {}, "Here you go:\nthis is the answer.", False, True),
@@ -83,7 +85,9 @@ CASES = [
     ("length_constraints:number_sentences", SENT_LT2, "It rains. It pours!", False, False),  # 2
     ("length_constraints:number_sentences", SENT_LT2, "Here is my answer.\nIt rains.", False, True),
     ("length_constraints:number_sentences", SENT_GE3, "One. Two? Three!", True, True),
-    ("length_constraints:number_sentences", SENT_GE3, "1. Eat well.\n2. Sleep well.", False, False),  # 2
+    # NLTK's Punkt makes each list number a sentence: 4 here, as the reference counts
+    ("length_constraints:number_sentences", SENT_GE3, "1. Eat well.\n2. Sleep well.", True, True),
+    ("length_constraints:number_sentences", SENT_GE3, "Eat well. Sleep well.", False, False),  # 2
     # length_constraints:number_paragraphs: *** dividers, empty paragraphs only at the ends
     ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "First part.\n***\nSecond part.", True, True),
     ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "***\nA\n***\nB\n***", True, True),

