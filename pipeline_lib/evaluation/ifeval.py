@@ -38,7 +38,7 @@ from pipeline_lib.models import ResolvedModel
 from pipeline_lib.stage import done, output_dir
 
 HUB_REPO = "google/IFEval"
-LOCAL_FILE = Path("data") / "ifeval" / "input_data.jsonl"  # in the evaluation data directory
+LOCAL_FILE = Path("ifeval") / "input_data.jsonl"  # in the evaluation data directory
 METRICS = ["prompt_level_strict", "instruction_level_strict", "prompt_level_loose", "instruction_level_loose"]
 COLUMNS = ["key", "prompt", "instruction_id_list", "kwargs"]
 
@@ -73,15 +73,13 @@ def resolve_source(data: str | None) -> str:
     the hub's ``google/IFEval``."""
     if data:
         return data
-    try:
-        from pipeline_lib.evaluation.data import shared_dir
+    from pipeline_lib.evaluation.data import eval_data_dir
 
-        local = shared_dir() / LOCAL_FILE
-        if local.is_file():
-            return str(local)
-    except FileNotFoundError:
-        pass
-    return HUB_REPO
+    try:
+        local = eval_data_dir() / LOCAL_FILE
+    except FileNotFoundError:  # no evaluation data directory anywhere: the hub
+        return HUB_REPO
+    return str(local) if local.is_file() else HUB_REPO
 
 
 def _validate(rows: list[tuple[int, dict]], where: str) -> pd.DataFrame:
