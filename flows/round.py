@@ -18,6 +18,7 @@ from pipeline_lib.artifacts import ArtifactRef, read_manifest, sha256_json
 from pipeline_lib.config import PromotionConfig, RoundConfig
 from pipeline_lib.lineage import RoundLineage
 from pipeline_lib.models import ResolvedModel
+from flows.sharded import ShardedStages
 from tasks.common import RoundContext, results_dir
 from tasks.stages import (annotate_task, collect_task, dataset_pairs_task, evaluate_task, hybrid_candidates_task,
                           hybrid_pair_task, hybrid_prompts_task, pair_task, prompts_task, resolve_model_task,
@@ -59,6 +60,15 @@ def _champion(lineage: RoundLineage, config: RoundConfig, policy: ResolvedModel,
     return resolve(f"models:/{name}/{mv.version}"), str(mv.version)
 
 
+def round_key_config(config: RoundConfig) -> dict:
+    """What identifies a round's content for its MLflow parent run: the config without where it runs (``run``) and
+    how its shards run (``scale``); the shard count changes the samples (one seed per shard), so N > 1 is kept."""
+    data = config.model_dump(exclude={"run", "scale"})
+    if config.scale.shards > 1:
+        data["shards"] = config.scale.shards
+    return data
+
+
 def _with_storage(work_dir: str, *tasks):
     # Task results (artifact references) and their cache records live beside the artifacts of this work dir; the
     # block must be saved server-side to be usable as result storage.
@@ -84,7 +94,7 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     if config.follow_champion and lineage.alias_version(config.run.registered_model, "champion") is not None:
         policy_ref = f"models:/{config.run.registered_model}@champion"  # scheduled rounds improve the champion
     policy: ResolvedModel = resolve_model_task(policy_ref)
-    round_key = sha256_json({"policy": policy.sha256, "config": config.model_dump(exclude={"run"})})[:20]
+    round_key = sha256_json({"policy": policy.sha256, "config": round_key_config(config)})[:20]
     parent = lineage.start_round(round_key, config.name, config.model_dump(),
                                  tags={"prefect.flow_run_id": _flow_run_id(), "alignflow.policy": policy.ref,
                                        "alignflow.policy_sha256": policy.sha256, "alignflow.campaign": campaign,
@@ -92,12 +102,14 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     ctx = RoundContext(work_dir=work_dir, tracking_uri=config.run.mlflow_tracking_uri,
                        experiment=config.run.experiment, parent_run_id=parent, flow_run_id=_flow_run_id(),
                        quiet=config.run.quiet, gpu_limit=config.run.gpu_concurrency_limit)
+    # collect, model-judge annotate and held-out generation in config.scale.shards shards (1: the tasks as they are)
+    sharded = ShardedStages(config.scale, ctx, collect_t, annotate_t, evaluate_t)
 
     heldout = prompts_t(config.prompts, "heldout", config.prompts.n_heldout, ctx)
     if config.data.mode == "on_policy":
         train_prompts = prompts_t(config.prompts, "train", config.prompts.n_train, ctx)
-        generations = collect_t(policy, train_prompts, config.collect, ctx)
-        judgments = annotate_t(generations, config.judge, ctx)
+        generations = sharded.collect(policy, train_prompts, config.collect)
+        judgments = sharded.annotate(generations, config.judge)
         pairs = pair_t(judgments, config.pairs, ctx)
         data = {"prompts_train": train_prompts, "generations": generations, "judgments": judgments}
     elif config.data.mode == "off_policy":  # a fixed preference dataset, no collection (off-policy DPO / WPO)
@@ -106,9 +118,9 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     else:  # hybrid (WPO HB): the dataset's responses and K on-policy samples, judged together
         dataset = dataset_pairs_t(config.data.preference_data, policy, ctx)
         train_prompts = hybrid_prompts_t(dataset, ctx)
-        generations = collect_t(policy, train_prompts, config.collect, ctx)
+        generations = sharded.collect(policy, train_prompts, config.collect)
         candidates = hybrid_candidates_t(dataset, generations, ctx)
-        judgments = annotate_t(candidates, config.judge, ctx)
+        judgments = sharded.annotate(candidates, config.judge)
         pairs = hybrid_pair_t(judgments, config.data.hybrid, ctx)
         data = {"dataset_pairs": dataset, "prompts_train": train_prompts, "generations": generations,
                 "candidates": candidates, "judgments": judgments}
@@ -125,10 +137,8 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     m_before = m_after = {k: float("nan") for k in REPORT_METRICS}
     if config.evaluate.enabled:  # on as many GPUs as the policy needs to sample (collect.tensor_parallel_size)
         tp = config.collect.tensor_parallel_size
-        before = evaluate_t(champion, heldout, config.judge, config.evaluate, ctx, role="champion",
-                            tensor_parallel_size=tp)
-        after = evaluate_t(candidate, heldout, config.judge, config.evaluate, ctx, role="candidate",
-                           tensor_parallel_size=tp)
+        before = sharded.evaluate(champion, heldout, config.judge, config.evaluate, "champion", tp)
+        after = sharded.evaluate(candidate, heldout, config.judge, config.evaluate, "candidate", tp)
         m_before, m_after = read_manifest(before.path)["metrics"], read_manifest(after.path)["metrics"]
 
     version = lineage.register_checkpoint(parent, checkpoint, config.run.registered_model, "candidate",

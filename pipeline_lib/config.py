@@ -16,6 +16,7 @@ from pipeline_lib.hybrid import HybridOptions
 from pipeline_lib.losses import MethodConfig, SailOptions, WpoOptions
 from pipeline_lib.preference_data import PreferenceSource
 from pipeline_lib.prompts.sources import BuiltinPrompts, PromptSource
+from pipeline_lib.scale import ScaleConfig
 
 
 class ConfigError(ValueError):
@@ -151,6 +152,7 @@ class RoundConfig(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promotion: PromotionConfig = PromotionConfig()
+    scale: ScaleConfig = ScaleConfig()  # sharded stages and the engine that runs them (pipeline_lib/scale.py)
     run: RunConfig = RunConfig()
 
     @field_validator("judge")

@@ -1,0 +1,171 @@
+"""The round's sharded stages (``scale:``), and the engines that run their shards.
+
+``ShardedStages`` is what the round calls for collect, annotate and the held-out evaluation. With ``scale.shards: 1``
+each call is the stage's own task, called as before (same task, same parameters, same cache key, same artifact).
+With N > 1: a split task writes N shard artifacts, N shard tasks run the stage on them (``tasks.shards``), a merge
+task writes the stage's usual output. Annotate is sharded only for a judge that runs a model (``Judge.model_based``:
+reward model, PairRM, LLM judge); the rules judge takes milliseconds per response.
+
+Who runs the shard tasks (``scale.task_runner``):
+- ``sequential``: this process, one after another (direct task calls; a failed shard stops the stage after its
+  retries, the shards before it are cached);
+- ``ray``: a subflow ``<stage>-shards`` with prefect-ray's ``RayTaskRunner``; ``scale.address`` names an existing
+  cluster (else a temporary local one), ``scale.resources`` go to ``ray.remote`` as each shard's request
+  (``num_gpus``, ``num_cpus``, ``memory``; other keys are custom resources);
+- ``dask``: the same with prefect-dask's ``DaskTaskRunner``; ``scale.resources`` become the tasks' Dask resource
+  annotations (workers started with ``--resources "GPU=1"``).
+The subflow submits every shard, waits for all of them, then raises the first failure: shards that finished are
+complete (and cached) even when another one failed. Shard tasks on a cluster run on its workers, so they do not take
+the flow host's ``run.gpu_concurrency_limit`` slot (the cluster's scheduler hands out its GPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+from prefect import flow
+
+from pipeline_lib.artifacts import ArtifactRef
+from pipeline_lib.config import CollectConfig, ConfigError, EvaluateConfig
+from pipeline_lib.models import ResolvedModel
+from pipeline_lib.scale import ScaleConfig, shard_seed
+from tasks.common import RoundContext
+from tasks import shards as st
+
+
+# -- engines ----------------------------------------------------------------------------------------------------------
+RAY_OPTIONS = ("num_cpus", "num_gpus", "memory")  # ray.remote's own keywords; anything else is a custom resource
+
+
+def _missing(runner: str, package: str) -> ConfigError:
+    return ConfigError(f"scale.task_runner={runner} needs {package}, which is not installed "
+                       f"(pip install 'alignflow[{runner}]')")
+
+
+def _ray_runner(scale: ScaleConfig):
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError:
+        raise _missing("ray", "prefect-ray") from None
+    return RayTaskRunner(address=scale.address, init_kwargs={"log_to_driver": True})
+
+
+def ray_options(resources: dict[str, float]) -> dict[str, Any]:
+    """``scale.resources`` as ``ray.remote`` keywords: {num_gpus: 1, GPU_A100: 1} -> num_gpus=1,
+    resources={'GPU_A100': 1}."""
+    opts: dict[str, Any] = {k: v for k, v in resources.items() if k in RAY_OPTIONS}
+    custom = {k: v for k, v in resources.items() if k not in RAY_OPTIONS}
+    if custom:
+        opts["resources"] = custom
+    return opts
+
+
+def _ray_resources(scale: ScaleConfig) -> ContextManager:
+    from prefect_ray.context import remote_options
+
+    return remote_options(**ray_options(scale.resources)) if scale.resources else contextlib.nullcontext()
+
+
+def _dask_runner(scale: ScaleConfig):
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise _missing("dask", "prefect-dask") from None
+    return DaskTaskRunner(address=scale.address) if scale.address else DaskTaskRunner()
+
+
+def _dask_resources(scale: ScaleConfig) -> ContextManager:
+    import dask
+
+    return dask.annotate(resources=dict(scale.resources)) if scale.resources else contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Engine:
+    runner: Callable[[ScaleConfig], Any]  # a Prefect TaskRunner for the shards' subflow
+    resources: Callable[[ScaleConfig], ContextManager]  # entered while the shards are submitted
+
+
+ENGINES: dict[str, Engine] = {"ray": Engine(_ray_runner, _ray_resources),
+                              "dask": Engine(_dask_runner, _dask_resources)}
+
+
+@flow(name="shards", validate_parameters=False, log_prints=False)
+def shards_flow(stage: str, calls: list[dict[str, Any]], scale: ScaleConfig) -> list[ArtifactRef]:
+    """Submit one shard task per call to this flow's task runner, wait for all, return their artifacts in order."""
+    from flows.round import _with_storage
+
+    (shard_t,) = _with_storage(calls[0]["ctx"].work_dir, st.SHARD_TASKS[stage])
+    with ENGINES[scale.task_runner].resources(scale):
+        futures = [shard_t.submit(**kw) for kw in calls]
+    for f in futures:  # every shard finishes (and is cached) before a failure is raised
+        f.wait()
+    return [f.result() for f in futures]
+
+
+# -- the round's view -------------------------------------------------------------------------------------------------
+class ShardedStages:
+    """collect / annotate / evaluate for a round: the given stage tasks when ``scale.shards == 1``, else split,
+    shards on ``scale.task_runner``, merge. ``tasks``: the round's collect, annotate and evaluate tasks (with their
+    result storage)."""
+
+    def __init__(self, scale: ScaleConfig, ctx: RoundContext, collect_t, annotate_t, evaluate_t):
+        from flows.round import _with_storage
+
+        self.scale, self.ctx, self.n = scale, ctx, scale.shards
+        self.collect_t, self.annotate_t, self.evaluate_t = collect_t, annotate_t, evaluate_t
+        if self.n > 1:
+            (self.split_t, self.merge_gen_t, self.merge_judg_t, self.merge_resp_t, self.eval_resp_t) = _with_storage(
+                ctx.work_dir, st.split_task, st.merge_generations_task, st.merge_judgments_task,
+                st.merge_responses_task, st.evaluate_responses_task)
+            if scale.task_runner != "sequential":
+                ENGINES[scale.task_runner].runner(scale)  # a missing package fails here, before any shard
+
+    def _phase(self) -> st.ShardContext:
+        # on a cluster the shards do not hold the flow host's GPU slot (the cluster schedules its own GPUs)
+        gpu = self.ctx.gpu_limit if self.scale.task_runner == "sequential" else ""
+        return st.ShardContext(**{**self.ctx.model_dump(), "gpu_limit": gpu}, phase_started=time.time())
+
+    def _run(self, stage: str, calls: list[dict[str, Any]]) -> list[ArtifactRef]:
+        if self.scale.task_runner == "sequential":
+            from flows.round import _with_storage
+
+            (shard_t,) = _with_storage(self.ctx.work_dir, st.SHARD_TASKS[stage])
+            return [shard_t(**kw) for kw in calls]
+        runner = ENGINES[self.scale.task_runner].runner(self.scale)
+        return shards_flow.with_options(name=f"{stage}-shards", task_runner=runner)(stage, calls, self.scale)
+
+    def collect(self, policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig) -> ArtifactRef:
+        if self.n == 1:
+            return self.collect_t(policy, prompts, cfg, self.ctx)
+        ctx = self._phase()
+        parts = self.split_t(prompts, self.n, None, ctx)
+        calls = [dict(policy=policy, prompts=p, cfg=cfg.model_copy(update={"seed": shard_seed(cfg.seed, i, len(parts))}),
+                      ctx=ctx, shard=f"{i}/{len(parts)}") for i, p in enumerate(parts)]
+        return self.merge_gen_t(policy, prompts, self._run("collect", calls), cfg, ctx)
+
+    def annotate(self, generations: ArtifactRef, judge: dict[str, Any]) -> ArtifactRef:
+        from pipeline_lib.judges.base import JUDGES, parse_judge_options
+
+        if self.n == 1 or not JUDGES[parse_judge_options(judge).kind].model_based:
+            return self.annotate_t(generations, judge, self.ctx)
+        ctx = self._phase()
+        parts = self.split_t(generations, self.n, "prompt_id", ctx)
+        calls = [dict(generations=p, judge=judge, ctx=ctx, shard=f"{i}/{len(parts)}") for i, p in enumerate(parts)]
+        return self.merge_judg_t(generations, self._run("annotate", calls), judge, ctx)
+
+    def evaluate(self, model: ResolvedModel, prompts: ArtifactRef, judge: dict[str, Any], cfg: EvaluateConfig,
+                 role: str, tensor_parallel_size: int = 1) -> ArtifactRef:
+        if self.n == 1:
+            return self.evaluate_t(model, prompts, judge, cfg, self.ctx, role=role,
+                                   tensor_parallel_size=tensor_parallel_size)
+        ctx = self._phase()
+        parts = self.split_t(prompts, self.n, None, ctx)
+        calls = [dict(model=model, prompts=p, cfg=cfg, seed=shard_seed(0, i, len(parts)), ctx=ctx,
+                      shard=f"{i}/{len(parts)}", tensor_parallel_size=tensor_parallel_size)
+                 for i, p in enumerate(parts)]
+        responses = self.merge_resp_t(model, prompts, self._run("heldout-generate", calls), cfg, ctx)
+        return self.eval_resp_t(model, prompts, responses, judge, cfg, ctx, role=role)
