@@ -10,59 +10,26 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-# Ray resolves 127.0.0.1 to the host's outside address unless it runs as a "local only" cluster: with this, the
-# head's GCS, raylet and workers listen on 127.0.0.1 only (set before ray is imported, in the driver too).
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+from bench.local_ray import LOCAL_ENV, local_ray_head
+
+os.environ.update(LOCAL_ENV)  # a 127.0.0.1-only cluster: set before ray is imported, in the driver too
 
 from pipeline_lib.artifacts import read_manifest, read_table  # noqa: E402
 from pipeline_lib.config import load_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """``ray start --head --block`` on 127.0.0.1 with 2 CPUs; stopped by signalling that process (it stops the
-    cluster's processes it started: nothing else on the machine is touched)."""
-    port = _free_port()
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 characters
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
-    log = open(Path(temp) / "head.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-                             "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO)
-    deadline = time.time() + 120
-    while "Ray runtime started" not in (Path(temp) / "head.log").read_text():
-        if proc.poll() is not None or time.time() > deadline:
-            pytest.fail(f"ray head did not start:\n{(Path(temp) / 'head.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield f"127.0.0.1:{port}", proc.pid
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    log.close()
+    """One Ray head on 127.0.0.1 with 2 CPUs for the module."""
+    with local_ray_head(num_cpus=2) as (address, pid, _):
+        yield address, pid
 
 
 @pytest.fixture(scope="module")
