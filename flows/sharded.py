@@ -1,7 +1,8 @@
 """The round's sharded stages (``scale:``), and the engines that run their shards.
 
 ``ShardedStages`` is what the round calls for collect, annotate and the held-out evaluation. With ``scale.shards: 1``
-each call is the stage's own task, called as before (same task, same parameters, same cache key, same artifact).
+each call is the stage's own task, called as before (same task, same parameters, same cache key, same artifact);
+so is a stage whose input is too small for two shards of ``scale.min_rows_per_shard`` rows.
 With N > 1: a split task writes N shard artifacts, N shard tasks run the stage on them (``tasks.shards``), a merge
 task writes the stage's usual output. Annotate is sharded only for a judge that runs a model (``Judge.model_based``:
 reward model, PairRM, LLM judge); the rules judge takes milliseconds per response.
@@ -27,6 +28,7 @@ the flow host's ``run.gpu_concurrency_limit`` slot (the cluster's scheduler hand
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
@@ -134,16 +136,19 @@ class ShardedStages:
     result storage)."""
 
     def __init__(self, scale: ScaleConfig, ctx: RoundContext, collect_t, annotate_t, evaluate_t):
+        self.scale, self.ctx = scale, ctx
+        self.collect_t, self.annotate_t, self.evaluate_t = collect_t, annotate_t, evaluate_t
+        if scale.task_runner != "sequential":
+            ENGINES[scale.task_runner].runner(scale)  # a missing package fails here, before any stage
+
+    @functools.cached_property
+    def _t(self) -> dict[str, Any]:
+        """The split and merge tasks with this work dir's result storage (made when a stage is first sharded)."""
         from flows.round import _with_storage
 
-        self.scale, self.ctx, self.n = scale, ctx, scale.shards
-        self.collect_t, self.annotate_t, self.evaluate_t = collect_t, annotate_t, evaluate_t
-        if self.n > 1:
-            (self.split_t, self.merge_gen_t, self.merge_judg_t, self.merge_resp_t, self.eval_resp_t) = _with_storage(
-                ctx.work_dir, st.split_task, st.merge_generations_task, st.merge_judgments_task,
-                st.merge_responses_task, st.evaluate_responses_task)
-            if scale.task_runner != "sequential":
-                ENGINES[scale.task_runner].runner(scale)  # a missing package fails here, before any shard
+        names = ("split", "merge_generations", "merge_judgments", "merge_responses", "evaluate_responses")
+        tasks = [getattr(st, f"{n}_task") for n in names]
+        return dict(zip(names, _with_storage(self.ctx.work_dir, *tasks)))
 
     def _phase(self) -> st.ShardContext:
         # on a cluster the shards do not hold the flow host's GPU slot (the cluster schedules its own GPUs)
@@ -162,33 +167,35 @@ class ShardedStages:
         return shards_flow.with_options(name=f"{stage}-shards", task_runner=runner)(stage, calls, self.scale)
 
     def collect(self, policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig) -> ArtifactRef:
-        if self.n == 1:
+        n = self.scale.shards_for(prompts.rows)
+        if n == 1:
             return self.collect_t(policy, prompts, cfg, self.ctx)
         ctx = self._phase()
-        parts = self.split_t(prompts, self.n, None, ctx)
+        parts = self._t["split"](prompts, n, None, ctx)
         calls = [dict(policy=policy, prompts=p, cfg=cfg.model_copy(update={"seed": shard_seed(cfg.seed, i, len(parts))}),
                       ctx=ctx, shard=f"{i}/{len(parts)}") for i, p in enumerate(parts)]
-        return self.merge_gen_t(policy, prompts, self._run("collect", calls), cfg, ctx)
+        return self._t["merge_generations"](policy, prompts, self._run("collect", calls), cfg, ctx)
 
     def annotate(self, generations: ArtifactRef, judge: dict[str, Any]) -> ArtifactRef:
         from pipeline_lib.judges.base import JUDGES, parse_judge_options
 
-        if self.n == 1 or not JUDGES[parse_judge_options(judge).kind].model_based:
+        n = self.scale.shards_for(generations.rows)
+        if n == 1 or not JUDGES[parse_judge_options(judge).kind].model_based:
             return self.annotate_t(generations, judge, self.ctx)
         ctx = self._phase()
-        parts = self.split_t(generations, self.n, "prompt_id", ctx)
+        parts = self._t["split"](generations, n, "prompt_id", ctx)
         calls = [dict(generations=p, judge=judge, ctx=ctx, shard=f"{i}/{len(parts)}") for i, p in enumerate(parts)]
-        return self.merge_judg_t(generations, self._run("annotate", calls), judge, ctx)
+        return self._t["merge_judgments"](generations, self._run("annotate", calls), judge, ctx)
 
     def evaluate(self, model: ResolvedModel, prompts: ArtifactRef, judge: dict[str, Any], cfg: EvaluateConfig,
                  role: str, tensor_parallel_size: int = 1) -> ArtifactRef:
-        if self.n == 1:
+        if self.scale.shards_for(prompts.rows) == 1:
             return self.evaluate_t(model, prompts, judge, cfg, self.ctx, role=role,
                                    tensor_parallel_size=tensor_parallel_size)
         ctx = self._phase()
-        parts = self.split_t(prompts, self.n, None, ctx)
+        parts = self._t["split"](prompts, self.scale.shards_for(prompts.rows), None, ctx)
         calls = [dict(model=model, prompts=p, cfg=cfg, seed=shard_seed(0, i, len(parts)), ctx=ctx,
                       shard=f"{i}/{len(parts)}", tensor_parallel_size=tensor_parallel_size)
                  for i, p in enumerate(parts)]
-        responses = self.merge_resp_t(model, prompts, self._run("heldout-generate", calls), cfg, ctx)
-        return self.eval_resp_t(model, prompts, responses, judge, cfg, ctx, role=role)
+        responses = self._t["merge_responses"](model, prompts, self._run("heldout-generate", calls), cfg, ctx)
+        return self._t["evaluate_responses"](model, prompts, responses, judge, cfg, ctx, role=role)

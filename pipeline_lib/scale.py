@@ -46,6 +46,16 @@ class ScaleConfig(BaseModel):
                                                   "unset: a temporary local cluster for the stage")
     resources: dict[str, float] = Field(default_factory=dict, description="per shard, e.g. {num_gpus: 1, "
                                                                           "num_cpus: 8} (ray), {GPU: 1} (dask)")
+    min_rows_per_shard: int = Field(1, ge=1, description="a stage gets at most rows / this many shards (prompts for "
+                                                         "collect and evaluation, samples for annotate); one shard: "
+                                                         "the unsharded task. E.g. 256: a 100-prompt held-out "
+                                                         "evaluation stays on one engine instead of loading 32")
+
+    def shards_for(self, rows: int | None) -> int:
+        """How many shards a stage input of ``rows`` rows gets (1: run the stage unsharded)."""
+        if rows is None:
+            return self.shards
+        return max(1, min(self.shards, rows // self.min_rows_per_shard))
 
     @model_validator(mode="after")
     def _runner_needs_shards(self) -> "ScaleConfig":

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.artifacts import read_manifest, read_table, write_table
+from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, write_table
 from pipeline_lib.config import ConfigError, EvaluateConfig, load_config
 from pipeline_lib.scale import (ROW, ScaleConfig, merge_generations, merge_judgments, merge_responses, shard_bounds,
                                 shard_seed, split_table)
@@ -184,18 +184,30 @@ def test_one_shard_is_the_round_as_before():
         return lambda *a, **kw: calls.append((name, a, kw)) or name
 
     ctx = RoundContext(work_dir="/w", tracking_uri="sqlite://", experiment="e", parent_run_id="p")
-    cfg = load_config(None, ["judge.kind=rules"])
-    s = ShardedStages(cfg.scale, ctx, stage("collect"), stage("annotate"), stage("evaluate"))
-    assert s.collect("pol", "prompts", cfg.collect) == "collect"
-    assert s.annotate("gens", cfg.judge) == "annotate"
-    assert s.evaluate("m", "held", cfg.judge, cfg.evaluate, "champion", 2) == "evaluate"
-    assert calls == [("collect", ("pol", "prompts", cfg.collect, ctx), {}),
-                     ("annotate", ("gens", cfg.judge, ctx), {}),
-                     ("evaluate", ("m", "held", cfg.judge, cfg.evaluate, ctx),
-                      {"role": "champion", "tensor_parallel_size": 2})]
+    cfg = load_config(None, ["judge.kind=reward_model", "judge.model=tiny-rm:0"])
+    prompts, gens, held = (ArtifactRef(kind="table", name=n, path=f"/w/{n}", sha256=n, rows=64)
+                           for n in ("prompts", "gens", "held"))
+    for scale in (cfg.scale, ScaleConfig(shards=4, min_rows_per_shard=100)):  # default; too few rows to shard
+        calls.clear()
+        s = ShardedStages(scale, ctx, stage("collect"), stage("annotate"), stage("evaluate"))
+        assert s.collect("pol", prompts, cfg.collect) == "collect"
+        assert s.annotate(gens, cfg.judge) == "annotate"
+        assert s.evaluate("m", held, cfg.judge, cfg.evaluate, "champion", 2) == "evaluate"
+        assert calls == [("collect", ("pol", prompts, cfg.collect, ctx), {}),
+                         ("annotate", (gens, cfg.judge, ctx), {}),
+                         ("evaluate", ("m", held, cfg.judge, cfg.evaluate, ctx),
+                          {"role": "champion", "tensor_parallel_size": 2})]
     before = {k: v for k, v in cfg.model_dump(exclude={"run"}).items() if k != "scale"}
     assert sha256_json(round_key_config(cfg)) == sha256_json(before)
     assert round_key_config(load_config(None, ["scale.shards=2"]))["shards"] == 2
+
+
+def test_small_inputs_get_fewer_shards_or_none():
+    scale = ScaleConfig(shards=32, min_rows_per_shard=256)
+    assert scale.shards_for(20_000) == 32  # SPPO's 20k prompts: 32 shards of 625
+    assert scale.shards_for(1_000) == 3  # 3 shards of >= 256 rows
+    assert scale.shards_for(100) == 1  # a 100-prompt held-out set: one engine, the unsharded task
+    assert ScaleConfig(shards=4).shards_for(3) == 3 and ScaleConfig(shards=4).shards_for(None) == 4
 
 
 def test_rules_judge_is_not_sharded_model_judges_are():
