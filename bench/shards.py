@@ -7,6 +7,7 @@
   ``ray`` (what the round does: the process connects once; measured after its first stage, whose wall time is
   reported apart as ``ray_first_stage_s``). A line wall = fixed + per_shard * N is fitted to each.
 - a sharded collect of the tiny model (real vLLM per shard), sequential vs Ray, 2 shards, in fresh work dirs.
+- split and merge of a generations table of SPPO's size (100,000 samples of ~450 tokens) into 32 shards.
 The Ray head (127.0.0.1, ``--num-cpus`` = the machine's cores) is started and stopped here, and its start timed.
 Run: python -m bench.shards [--shards 2 4 8] [--no-collect] [--name shards_cpu]
 """
@@ -109,12 +110,44 @@ def _collect(runner: str, address: str, n_prompts: int, k: int, max_tokens: int)
             "n_samples": m["n_samples"], "sha256": man["sha256"]}
 
 
+def _split_merge(rows: int, shards: int, k: int = 5, tokens: int = 450) -> dict:
+    """Split and merge of a generations-sized table on this machine: ``rows`` samples (``rows / k`` prompts) with
+    ~4 characters and one token id per token, as SPPO's collect output would be (100,000 rows: 20,000 prompts x 5)."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline_lib.artifacts import write_table
+    from pipeline_lib.scale import _concat, _restore_order, split_table
+
+    rng = np.random.default_rng(0)
+    n_prompts = rows // k
+    df = pd.DataFrame({"prompt_id": np.repeat([f"p{i:06d}" for i in range(n_prompts)], k),
+                       "prompt_index": np.repeat(np.arange(n_prompts), k), "sample_index": np.tile(np.arange(k),
+                                                                                                   n_prompts),
+                       # random text: Parquet must not compress it away (real responses do not repeat)
+                       "response": [rng.bytes(2 * tokens).hex() for _ in range(rows)],
+                       "response_token_ids": list(rng.integers(0, 32000, size=(rows, tokens), dtype=np.int64))})
+    with tempfile.TemporaryDirectory(prefix="alignflow-bench-merge-") as tmp:
+        src = write_table(df, os.path.join(tmp, "src"), name="generations", producer="bench")
+        size = os.path.getsize(os.path.join(src.path, "data.parquet"))
+        t0 = time.perf_counter()
+        parts = split_table(src, shards, tmp, group="prompt_id")
+        split_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        merged, _ = _concat(parts)
+        merged = _restore_order(merged)
+        write_table(merged, os.path.join(tmp, "merged"), name="generations", producer="bench")
+        merge_s = time.perf_counter() - t0
+    return {"rows": rows, "shards": shards, "parquet_mib": size / 2**20, "split_s": split_s, "merge_s": merge_s}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-collect", action="store_true")
     ap.add_argument("--name", default="shards_cpu")
+    ap.add_argument("--merge-rows", type=int, default=100_000, help="0: skip the split/merge measurement")
     a = ap.parse_args(argv)
     from prefect.testing.utilities import prefect_test_harness
 
@@ -141,10 +174,13 @@ def main(argv: list[str] | None = None) -> dict:
             for runner in ("sequential", "ray"):
                 collect_rows.append(_collect(runner, address, n_prompts=8, k=2, max_tokens=16))
                 print(collect_rows[-1], flush=True)
+    merge = _split_merge(a.merge_rows, 32) if a.merge_rows else None
+    print(f"split/merge: {merge}", flush=True)
     fits = {r: dict(zip(("fixed_s", "per_shard_s"), _fit([(x["shards"], x["wall_s"]) for x in rows
                                                              if x["runner"] == r]))) for r in ("sequential", "ray-new-driver", "ray")}
     result = {"machine": machine(), "loadavg_at_start": load, "loadavg_at_end": os.getloadavg(),
-              "ray_head_start_s": head_start_s, "ray_first_stage_s": first_stage_s, "noop": rows, "fit": fits, "collect": collect_rows}
+              "ray_head_start_s": head_start_s, "ray_first_stage_s": first_stage_s, "noop": rows, "fit": fits, "collect": collect_rows,
+              "split_merge": merge}
     if len(collect_rows) == 2:
         result["collect_same_artifact"] = collect_rows[0]["sha256"] == collect_rows[1]["sha256"]
     path = save(a.name, result)
