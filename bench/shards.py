@@ -106,7 +106,8 @@ def _collect(runner: str, address: str, n_prompts: int, k: int, max_tokens: int)
 
         wall, man = go()
     m = man["metrics"]
-    return {"runner": runner, "wall_s": wall, "engine_load_s_sum": m["engine_load_s"], "generate_s_sum": m["generate_s"],
+    return {"runner": runner, "wall_s": wall, "engine_load_s_sum": m["engine_load_s"],
+            "generate_s_sum": m["generate_s"],
             "n_samples": m["n_samples"], "sha256": man["sha256"]}
 
 
@@ -177,10 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
     merge = _split_merge(a.merge_rows, 32) if a.merge_rows else None
     print(f"split/merge: {merge}", flush=True)
     fits = {r: dict(zip(("fixed_s", "per_shard_s"), _fit([(x["shards"], x["wall_s"]) for x in rows
-                                                             if x["runner"] == r]))) for r in ("sequential", "ray-new-driver", "ray")}
+                                                             if x["runner"] == r])))
+            for r in ("sequential", "ray-new-driver", "ray")}
     result = {"machine": machine(), "loadavg_at_start": load, "loadavg_at_end": os.getloadavg(),
-              "ray_head_start_s": head_start_s, "ray_first_stage_s": first_stage_s, "noop": rows, "fit": fits, "collect": collect_rows,
-              "split_merge": merge}
+              "ray_head_start_s": head_start_s, "ray_first_stage_s": first_stage_s, "noop": rows, "fit": fits,
+              "collect": collect_rows, "split_merge": merge}
     if len(collect_rows) == 2:
         result["collect_same_artifact"] = collect_rows[0]["sha256"] == collect_rows[1]["sha256"]
     path = save(a.name, result)

@@ -131,9 +131,9 @@ def shards_flow(stage: str, calls: list[dict[str, Any]], scale: ScaleConfig) -> 
 
 # -- the round's view -------------------------------------------------------------------------------------------------
 class ShardedStages:
-    """collect / annotate / evaluate for a round: the given stage tasks when ``scale.shards == 1``, else split,
-    shards on ``scale.task_runner``, merge. ``tasks``: the round's collect, annotate and evaluate tasks (with their
-    result storage)."""
+    """collect / annotate / evaluate for a round: the round's own stage task (``collect_t``, ``annotate_t``,
+    ``evaluate_t``, with their result storage) when a stage gets one shard, else split, shards on
+    ``scale.task_runner``, merge."""
 
     def __init__(self, scale: ScaleConfig, ctx: RoundContext, collect_t, annotate_t, evaluate_t):
         self.scale, self.ctx = scale, ctx
@@ -172,8 +172,9 @@ class ShardedStages:
             return self.collect_t(policy, prompts, cfg, self.ctx)
         ctx = self._phase()
         parts = self._t["split"](prompts, n, None, ctx)
-        calls = [dict(policy=policy, prompts=p, cfg=cfg.model_copy(update={"seed": shard_seed(cfg.seed, i, len(parts))}),
-                      ctx=ctx, shard=f"{i}/{len(parts)}") for i, p in enumerate(parts)]
+        seeds = [shard_seed(cfg.seed, i, len(parts)) for i in range(len(parts))]
+        calls = [dict(policy=policy, prompts=p, cfg=cfg.model_copy(update={"seed": seed}), ctx=ctx,
+                      shard=f"{i}/{len(parts)}") for i, (p, seed) in enumerate(zip(parts, seeds))]
         return self._t["merge_generations"](policy, prompts, self._run("collect", calls), cfg, ctx)
 
     def annotate(self, generations: ArtifactRef, judge: dict[str, Any]) -> ArtifactRef:

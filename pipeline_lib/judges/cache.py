@@ -4,8 +4,9 @@ A judgment is keyed by the content hash of everything that determines it: the ju
 that change verdicts, model content hash), the view (``score`` or ``compare``), the prompt, the response(s), and a
 hash of the item's ``meta``.
 
-Storage: a log of immutable Parquet segments, ``<cache_dir>/segments/<time ns>-<random>.parquet``, one per flush. A segment is written under a temporary name and renamed into place, and is never changed afterwards; no file
-is written by two processes and no lock is taken. So the cache is safe wherever ``work_dir`` lives, a network
+Storage: a log of immutable Parquet segments, ``<cache_dir>/segments/<time ns>-<random>.parquet``, one per flush. A
+segment is written under a temporary name and renamed into place, and is never changed afterwards; no file is
+written by two processes and no lock is taken. So the cache is safe wherever ``work_dir`` lives, a network
 filesystem shared by many hosts included (NFS, EFS, CephFS: any POSIX rename), where the SQLite file in WAL mode used
 before was not: WAL keeps its index in shared memory, which only processes of one host can share (sqlite.org/wal.html,
 "WAL does not work over a network filesystem"). A reader loads each segment once (immutable: what it read stays
