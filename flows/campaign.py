@@ -73,6 +73,7 @@ def _final_comparison(config: CampaignConfig, summaries: list[dict], rounds_wall
     """The campaign's starting policy against its last checkpoint, on the same prompts, in an MLflow run of its
     own."""
     from flows.round import _flow_run_id, _with_storage
+    from flows.sharded import ShardedStages
     from pipeline_lib.lineage import RoundLineage
     from tasks.common import RoundContext
     from tasks.evaluate import benchmark_data_task, ifeval_task
@@ -98,7 +99,8 @@ def _final_comparison(config: CampaignConfig, summaries: list[dict], rounds_wall
                        parent_run_id=parent, flow_run_id=_flow_run_id(), quiet=rc.run.quiet,
                        gpu_limit=rc.run.gpu_concurrency_limit)
     heldout = prompts_t(rc.prompts, "heldout", rc.prompts.n_heldout, ctx)
-    before, after, paired = evaluate_both(rc, start, final, heldout, ctx, evaluate_t, data_t, ifeval_t,
+    sharded = ShardedStages(rc.scale, ctx, None, None, evaluate_t)  # only its evaluate is used
+    before, after, paired = evaluate_both(rc, start, final, heldout, sharded, data_t, ifeval_t,
                                           roles=("start", "final"))
     metrics = REPORT_METRICS + ([f"ifeval.{k}" for k in IFEVAL_METRICS] if rc.evaluate.ifeval.enabled else [])
     out = {"mlflow_run_id": parent, "start": start.ref, "final": final.ref, "rounds_wall_s": rounds_wall_s,

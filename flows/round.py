@@ -19,6 +19,7 @@ from pipeline_lib.cost import prefixed, round_cost
 from pipeline_lib.lineage import RoundLineage
 from pipeline_lib.methods import PAIRINGS
 from pipeline_lib.models import ResolvedModel
+from flows.sharded import ShardedStages
 from tasks.common import RoundContext
 from tasks.evaluate import benchmark_data_task, ifeval_task
 from tasks.hooks import cached_stages
@@ -86,7 +87,7 @@ def _champion(lineage: RoundLineage, config: RoundConfig, policy: ResolvedModel,
 
 
 def evaluate_both(config: RoundConfig, champion: ResolvedModel, candidate: ResolvedModel, heldout: ArtifactRef,
-                  ctx: RoundContext, evaluate_t, data_t, ifeval_t,
+                  sharded: ShardedStages, data_t, ifeval_t,
                   roles: tuple[str, str] = ("champion", "candidate")) -> tuple[dict, dict, dict]:
     """Champion and candidate on the same held-out prompts (and IFEval's when enabled): (champion metrics,
     candidate metrics, paired comparisons by metric name), on as many GPUs as the policy needs to sample
@@ -96,8 +97,9 @@ def evaluate_both(config: RoundConfig, champion: ResolvedModel, candidate: Resol
 
     ev, tp = config.evaluate, config.collect.tensor_parallel_size
     stats = {"n_resamples": ev.n_resamples, "confidence": ev.confidence}
-    before = evaluate_t(champion, heldout, config.judge, ev, ctx, role=roles[0], tensor_parallel_size=tp)
-    after = evaluate_t(candidate, heldout, config.judge, ev, ctx, role=roles[1], tensor_parallel_size=tp)
+    ctx = sharded.ctx
+    before = sharded.evaluate(champion, heldout, config.judge, ev, roles[0], tp)
+    after = sharded.evaluate(candidate, heldout, config.judge, ev, roles[1], tp)
     m_before, m_after = read_manifest(before.path)["metrics"], read_manifest(after.path)["metrics"]
     paired = paired_heldout(read_table(before), read_table(after), **stats)
     if ev.ifeval.enabled:
@@ -108,6 +110,15 @@ def evaluate_both(config: RoundConfig, champion: ResolvedModel, candidate: Resol
             m.update({f"ifeval.{k}": v for k, v in read_manifest(ref.path)["metrics"].items()})
         paired.update({f"ifeval.{k}": v for k, v in paired_ifeval(read_table(ib), read_table(ia), **stats).items()})
     return m_before, m_after, paired
+
+
+def round_key_config(config: RoundConfig) -> dict:
+    """What identifies a round's content for its MLflow parent run: the config without where it runs (``run``) and
+    how its shards run (``scale``); the shard count changes the samples (one seed per shard), so N > 1 is kept."""
+    data = config.model_dump(exclude={"run", "scale"})
+    if config.scale.shards > 1:
+        data["shards"] = config.scale.shards
+    return data
 
 
 @flow(name="alignment-round", log_prints=True)
@@ -131,7 +142,7 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     if config.follow_champion and lineage.alias_version(config.run.registered_model, "champion") is not None:
         policy_ref = f"models:/{config.run.registered_model}@champion"  # scheduled rounds improve the champion
     policy: ResolvedModel = resolve_model_task(policy_ref)
-    round_key = sha256_json({"policy": policy.sha256, "config": config.model_dump(exclude={"run"})})[:20]
+    round_key = sha256_json({"policy": policy.sha256, "config": round_key_config(config)})[:20]
     parent = lineage.start_round(round_key, config.name, config.model_dump(),
                                  tags={"prefect.flow_run_id": _flow_run_id(), "alignflow.policy": policy.ref,
                                        "alignflow.policy_sha256": policy.sha256, "alignflow.campaign": campaign,
@@ -139,15 +150,17 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     ctx = RoundContext(work_dir=work_dir, tracking_uri=config.run.mlflow_tracking_uri,
                        experiment=config.run.experiment, parent_run_id=parent, flow_run_id=_flow_run_id(),
                        quiet=config.run.quiet, gpu_limit=config.run.gpu_concurrency_limit)
+    # collect, model-judge annotate and held-out generation in config.scale.shards shards (1: the tasks as they are)
+    sharded = ShardedStages(config.scale, ctx, collect_t, annotate_t, evaluate_t)
 
     heldout = prompts_t(config.prompts, "heldout", config.prompts.n_heldout, ctx)
     if config.data.mode == "on_policy":
         train_prompts = prompts_t(config.prompts, "train", config.prompts.n_train, ctx)
-        generations = collect_t(policy, train_prompts, config.collect, ctx)
+        generations = sharded.collect(policy, train_prompts, config.collect)
         data = {"prompts_train": train_prompts, "generations": generations}
         judgments = generations  # a pairing that reads no verdicts (SAIL-PP's self-labels) skips the judge
         if PAIRINGS[config.pairs.strategy].needs_judge:
-            judgments = data["judgments"] = annotate_t(generations, config.judge, ctx)
+            judgments = data["judgments"] = sharded.annotate(generations, config.judge)
         pairs = pair_t(judgments, config.pairs, ctx)
     elif config.data.mode == "off_policy":  # a fixed preference dataset, no collection (off-policy DPO / WPO)
         pairs = dataset_pairs_t(config.data.preference_data, policy, ctx)
@@ -155,9 +168,9 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     else:  # hybrid (WPO HB): the dataset's responses and K on-policy samples, judged together
         dataset = dataset_pairs_t(config.data.preference_data, policy, ctx)
         train_prompts = hybrid_prompts_t(dataset, ctx)
-        generations = collect_t(policy, train_prompts, config.collect, ctx)
+        generations = sharded.collect(policy, train_prompts, config.collect)
         candidates = hybrid_candidates_t(dataset, generations, ctx)
-        judgments = annotate_t(candidates, config.judge, ctx)
+        judgments = sharded.annotate(candidates, config.judge)
         pairs = hybrid_pair_t(judgments, config.data.hybrid, ctx)
         data = {"dataset_pairs": dataset, "prompts_train": train_prompts, "generations": generations,
                 "candidates": candidates, "judgments": judgments}
@@ -175,8 +188,7 @@ def alignment_round(config: RoundConfig, campaign: str = "", round_index: int = 
     m_before = m_after = {k: float("nan") for k in metrics}
     paired: dict[str, dict] = {}
     if config.evaluate.enabled:
-        m_before, m_after, paired = evaluate_both(config, champion, candidate, heldout, ctx, evaluate_t, data_t,
-                                                   ifeval_t)
+        m_before, m_after, paired = evaluate_both(config, champion, candidate, heldout, sharded, data_t, ifeval_t)
 
     version = lineage.register_checkpoint(parent, checkpoint, config.run.registered_model, "candidate",
                                           tags={"alignflow.round_key": round_key, "alignflow.parent_policy":

@@ -18,6 +18,7 @@ from pipeline_lib.hybrid import HybridOptions
 from pipeline_lib.methods import PAIRINGS, MethodConfig, SailOptions, WpoOptions, validate_round
 from pipeline_lib.preference_data import PreferenceSource
 from pipeline_lib.prompts.sources import BuiltinPrompts, PromptSource
+from pipeline_lib.scale import ScaleConfig
 
 
 class ConfigError(ValueError):
@@ -144,12 +145,20 @@ class TrainConfig(Section):
                                                     "per step is batch_size x grad_accum x num_processes")
     deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config (ZeRO-1/2, e.g. "
                                                     "configs/deepspeed/zero2.json) for the trainer; needs a GPU")
+    nnodes: int = Field(1, ge=1, description="hosts training together, num_processes each (torchrun --nnodes): "
+                                             "the stage's host and nnodes-1 hosts running `python -m "
+                                             "pipeline_lib.train_worker join` (docs/operations.md)")
+    rdzv_endpoint: str = Field("", description="HOST:PORT of the c10d rendezvous (torchrun --rdzv-endpoint) "
+                                               "when nnodes > 1; HOST is reachable from every training host")
 
     @model_validator(mode="after")
     def _ensemble_needs_lora(self) -> "TrainConfig":
         if self.ensemble > 1 and not self.lora_r:
             raise ValueError(f"train.ensemble={self.ensemble} averages LoRA adapters: set train.lora_r > 0 "
                              "(e.g. 8)")
+        if (self.nnodes > 1) != bool(self.rdzv_endpoint):
+            raise ValueError(f"train.nnodes={self.nnodes} and train.rdzv_endpoint={self.rdzv_endpoint!r}: several "
+                             "hosts need a rendezvous endpoint (HOST:PORT) and an endpoint needs nnodes > 1")
         return self
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps for resume (0: only at the end)")
@@ -222,6 +231,7 @@ class RoundConfig(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promotion: PromotionConfig = PromotionConfig()
+    scale: ScaleConfig = ScaleConfig()  # sharded stages and the engine that runs them (pipeline_lib/scale.py)
     run: RunConfig = RunConfig()
 
     @field_validator("judge")

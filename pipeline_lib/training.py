@@ -92,15 +92,19 @@ def dpo_args(cfg: TrainConfig, work: Path, n_pairs: int):
         dataloader_num_workers=0,
         disable_tqdm=True,
         # several CPU processes (torchrun without GPUs) talk over gloo; NCCL, the GPU default, needs CUDA
-        ddp_backend="gloo" if cfg.num_processes > 1 and not torch.cuda.is_available() else None,
+        ddp_backend="gloo" if world_size(cfg) > 1 and not torch.cuda.is_available() else None,
         deepspeed=cfg.deepspeed,
     )
+
+
+def world_size(cfg: TrainConfig) -> int:
+    return cfg.num_processes * cfg.nnodes
 
 
 def _total_steps(cfg: TrainConfig, n_pairs: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    batches = math.ceil(n_pairs / (cfg.batch_size * cfg.num_processes))  # per process: the data is split N ways
+    batches = math.ceil(n_pairs / (cfg.batch_size * world_size(cfg)))  # per process: the data is split N ways
     return max(1, math.ceil(batches / cfg.grad_accum * cfg.epochs))
 
 
@@ -123,7 +127,7 @@ def train(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: M
     if cfg.ensemble > 1:
         return _train_ensemble(policy, pairs, cfg, method, work_dir, reference, callbacks, on_log, quiet, out,
                                inputs, config)
-    if cfg.num_processes == 1 and not cfg.deepspeed:
+    if world_size(cfg) == 1 and not cfg.deepspeed:
         return fit(policy, pairs, cfg, method, reference, out, inputs, config, callbacks, on_log, quiet)
     if callbacks:
         raise ValueError(f"train.num_processes={cfg.num_processes}: trainer callbacks run inside the trainer's "
@@ -133,7 +137,8 @@ def train(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: M
             # exclude_unset: MethodConfig rejects option sections set explicitly for a loss that ignores them
             "method": method.model_dump(exclude_unset=True),
             "out": str(out), "inputs": inputs, "config": config, "quiet": quiet}
-    launch(spec, cfg.num_processes, _work_dir(out), on_log, quiet)
+    launch(spec, cfg.num_processes, _work_dir(out), on_log, quiet, nnodes=cfg.nnodes, rdzv_endpoint=cfg.rdzv_endpoint,
+           work_dir=work_dir)
     return ref_from_dir(out)  # written by rank 0
 
 

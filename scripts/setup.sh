@@ -27,7 +27,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   "$VENV/bin/python" - <<'PY'
 import importlib
-for m in ("torch", "transformers", "trl", "vllm", "prefect", "mlflow", "gguf", "pipeline_lib"):
+for m in ("torch", "transformers", "trl", "vllm", "prefect", "mlflow", "gguf", "ray", "prefect_ray", "prefect_dask",
+          "pipeline_lib"):
     importlib.import_module(m)
 from transformers import LlamaForCausalLM  # fails if a mismatched torchvision slipped in
 print("[setup] imports ok")

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, write_table
+from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, ref_from_dir, write_table
 from pipeline_lib.config import EvaluateConfig
 from pipeline_lib.generation.sampling import SamplingSpec, render_chat, sample
 from pipeline_lib.judges.annotate import items_from_rows, judge_in_chunks
@@ -47,28 +47,62 @@ def heldout_metrics(df) -> dict[str, float]:
     }
 
 
-def evaluate_heldout(model: ResolvedModel, prompts: ArtifactRef, judge_cfg: Mapping[str, Any], cfg: EvaluateConfig,
-                     work_dir: str | Path, seed: int = 0, kv_cache_gib: float = 1.0, quiet: bool = False,
-                     tensor_parallel_size: int = 1) -> ArtifactRef:
-    """``tensor_parallel_size``: GPUs vLLM shards the model over (a round passes ``collect.tensor_parallel_size``:
-    a policy that needs K GPUs to sample needs them to be evaluated). Like ``kv_cache_gib`` it says how the engine
-    runs, not what is evaluated, so it is not part of the artifact's key."""
+def _generate(model: ResolvedModel, df, cfg: EvaluateConfig, seed: int, kv_cache_gib: float, quiet: bool,
+              tensor_parallel_size: int):
+    """One response per prompt row of ``df`` (in its order) and the worker's stats."""
     from transformers import AutoTokenizer
 
-    judge = build_judge(judge_cfg)
-    config = {**cfg.model_dump(include={"max_tokens", "temperature"}), "judge": judge.identity(), "seed": seed}
-    inputs = {"model": model.sha256, "prompts": prompts.sha256}
-    out = output_dir(work_dir, "evaluate", inputs, config)
-    if done(out):
-        return ref_from_dir(out)
-    df = read_table(prompts)
     tok = AutoTokenizer.from_pretrained(model.path)
     _, ids = render_chat(tok, [[{"role": "user", "content": p}] for p in df["prompt"]])
     spec = SamplingSpec(n=1, temperature=cfg.temperature, top_p=1.0, max_tokens=cfg.max_tokens, seed=seed,
                         kv_cache_gib=kv_cache_gib, tensor_parallel_size=tensor_parallel_size, quiet=quiet)
     with Progress(len(ids), "evaluate (generate)", "responses", quiet=quiet) as progress:
         gen, stats = sample(model.path, ids, spec, progress)
-    gen = gen.sort_values("prompt_index").reset_index(drop=True)
+    return gen.sort_values("prompt_index").reset_index(drop=True), stats
+
+
+def generate_heldout(model: ResolvedModel, prompts: ArtifactRef, cfg: EvaluateConfig, work_dir: str | Path,
+                     seed: int = 0, kv_cache_gib: float = 1.0, quiet: bool = False,
+                     tensor_parallel_size: int = 1) -> ArtifactRef:
+    """The generation half of the evaluation as a stage of its own (one shard of a sharded evaluation): the prompt
+    rows with ``prompt_index``, ``response``, ``n_tokens``, ``finish_reason``; the worker's stats as metrics."""
+    config = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "seed": seed}
+    inputs = {"model": model.sha256, "prompts": prompts.sha256}
+    out = output_dir(work_dir, "heldout-generate", inputs, config)
+    if done(out):
+        return ref_from_dir(out)
+    df = read_table(prompts).reset_index(drop=True)
+    gen, stats = _generate(model, df, cfg, seed, kv_cache_gib, quiet, tensor_parallel_size)
+    df = df.assign(prompt_index=range(len(df)), response=gen["response"], n_tokens=gen["n_tokens"],
+                   finish_reason=gen["finish_reason"])
+    return write_table(df, out, name="responses", producer="heldout-generate", inputs=inputs, config=config,
+                       extra={"metrics": stats})
+
+
+def evaluate_heldout(model: ResolvedModel, prompts: ArtifactRef, judge_cfg: Mapping[str, Any], cfg: EvaluateConfig,
+                     work_dir: str | Path, seed: int = 0, kv_cache_gib: float = 1.0, quiet: bool = False,
+                     tensor_parallel_size: int = 1, responses: ArtifactRef | None = None) -> ArtifactRef:
+    """``tensor_parallel_size``: GPUs vLLM shards the model over (a round passes ``collect.tensor_parallel_size``:
+    a policy that needs K GPUs to sample needs them to be evaluated). Like ``kv_cache_gib`` it says how the engine
+    runs, not what is evaluated, so it is not part of the artifact's key. ``responses``: the model's responses to
+    ``prompts`` generated already (a sharded evaluation's merged ``generate_heldout`` shards), judged instead of
+    sampling; they are an input of the artifact."""
+    judge = build_judge(judge_cfg)
+    config = {**cfg.model_dump(), "judge": judge.identity(), "seed": seed}
+    inputs = {"model": model.sha256, "prompts": prompts.sha256}
+    if responses is not None:
+        inputs["responses"] = responses.sha256
+    out = output_dir(work_dir, "evaluate", inputs, config)
+    if done(out):
+        return ref_from_dir(out)
+    df = read_table(prompts)
+    if responses is None:
+        gen, stats = _generate(model, df, cfg, seed, kv_cache_gib, quiet, tensor_parallel_size)
+    else:
+        gen, stats = read_table(responses).sort_values("prompt_index").reset_index(drop=True), \
+            read_manifest(responses.path)["metrics"]
+        if len(gen) != len(df) or list(gen["prompt_id"]) != list(df["prompt_id"]):
+            raise ValueError(f"responses {responses.path} do not answer the prompts {prompts.path} row for row")
     df = df.reset_index(drop=True).assign(response=gen["response"], n_tokens=gen["n_tokens"])
     try:
         with Progress(len(df), "evaluate (judge)", "responses", quiet=quiet) as progress:

@@ -41,6 +41,9 @@ class JudgeOptions(BaseModel):
 class Judge:
     kind: ClassVar[str] = ""
     Options: ClassVar[type[JudgeOptions]] = JudgeOptions
+    # A judge that runs a model (or calls one): worth sharding over workers (``scale.shards``); a cheap judge (the
+    # rules) annotates in one task whatever the shard count.
+    model_based: ClassVar[bool] = True
 
     def __init__(self, options: JudgeOptions):
         self.options = options

@@ -2,8 +2,17 @@
 
 A judgment is keyed by the content hash of everything that determines it: the judge's identity hash (kind, options
 that change verdicts, model content hash), the view (``score`` or ``compare``), the prompt, the response(s), and a
-hash of the item's ``meta``. Values live in one SQLite file, ``<cache_dir>/judgments.sqlite``, in WAL mode with a
-busy timeout, so several processes (Prefect task runners, parallel annotate shards) can read and write it at once.
+hash of the item's ``meta``.
+
+Storage: a log of immutable Parquet segments, ``<cache_dir>/segments/<time ns>-<random>.parquet``, one per flush. A
+segment is written under a temporary name and renamed into place, and is never changed afterwards; no file is
+written by two processes and no lock is taken. So the cache is safe wherever ``work_dir`` lives, a network
+filesystem shared by many hosts included (NFS, EFS, CephFS: any POSIX rename), where the SQLite file in WAL mode used
+before was not: WAL keeps its index in shared memory, which only processes of one host can share (sqlite.org/wal.html,
+"WAL does not work over a network filesystem"). A reader loads each segment once (immutable: what it read stays
+true) and only new segments on later lookups; a key written twice (two shards of a pairwise judge racing on the same
+pair) keeps the value it first read. A ``judgments.sqlite`` left by an older version is not read: a cache miss
+costs a judge call, nothing else.
 
 :class:`CachedJudge` wraps any judge and sends only the misses to it:
 - a judge with a native ``score`` is cached per item; ``compare`` and ``rank`` then come from the cached scores
@@ -12,6 +21,8 @@ busy timeout, so several processes (Prefect task runners, parallel annotate shar
   and the stored value is P(first sorted response wins), so (a, b) and (b, a) share one entry. Its pointwise
   ``score`` is a mean win probability against the other candidates of the same prompt, which depends on that set,
   so it is never cached itself: it is rebuilt from cached pairs.
+Fresh verdicts are written as one segment at the end of each ``score`` call (annotate calls it once per slice, so a
+crash keeps the slices already judged), when FLUSH_AT are pending, and at ``close``.
 
 NaN verdicts (a judge that failed on an item) are returned but not stored, so the next run retries them.
 """
@@ -19,9 +30,9 @@ NaN verdicts (a judge that failed on an item) are returned but not stored, so th
 from __future__ import annotations
 
 import math
-import sqlite3
+import os
 import time
-from contextlib import closing
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -30,8 +41,8 @@ import numpy as np
 from pipeline_lib.artifacts import sha256_json
 from pipeline_lib.judges.base import Item, Judge
 
-DB_FILE = "judgments.sqlite"
-_CHUNK = 500  # keys per SELECT ... IN (...), well under SQLite's bound-variable limit
+SEGMENTS = "segments"
+FLUSH_AT = 4096  # pending verdicts that trigger a segment between score calls (pairwise rank calls per prompt)
 
 
 def meta_hash(meta: Mapping[str, Any] | None) -> str:
@@ -49,49 +60,58 @@ def compare_key(judge_hash: str, prompt: str, a: str, b: str, meta: Mapping[str,
 
 
 class JudgmentCache:
-    """Float judgments by key in ``<cache_dir>/judgments.sqlite``; safe across threads and processes."""
+    """Float judgments by key, as immutable segments under ``<cache_dir>/segments/``; safe across threads,
+    processes and hosts (one handle per thread: a handle's in-memory index is not locked)."""
 
-    def __init__(self, cache_dir: str | Path, timeout_s: float = 60.0):
-        self.path = Path(cache_dir) / DB_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.timeout_s = timeout_s
-        with closing(self._connect()) as con, con:
-            con.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, value REAL NOT NULL, "
-                        "judge TEXT NOT NULL, created_at REAL NOT NULL) WITHOUT ROWID")
+    def __init__(self, cache_dir: str | Path):
+        self.dir = Path(cache_dir) / SEGMENTS
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._values: dict[str, float] = {}
+        self._seen: set[str] = set()
 
-    def _connect(self) -> sqlite3.Connection:
-        # One short-lived connection per call: no connection is shared between threads or across a fork.
-        con = sqlite3.connect(self.path, timeout=self.timeout_s)
-        con.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, the writer never blocks readers
-        con.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; a lost judgment is only recomputed
-        return con
+    def _refresh(self) -> None:
+        """Load the segments this process has not read yet, oldest name first (first value of a key wins)."""
+        import pyarrow.parquet as pq
+
+        new = sorted(e.name for e in os.scandir(self.dir) if e.name.endswith(".parquet") and e.name not in self._seen)
+        for name in new:
+            t = pq.read_table(self.dir / name, columns=["key", "value"])
+            for k, v in zip(t.column("key").to_pylist(), t.column("value").to_pylist()):
+                self._values.setdefault(k, v)
+            self._seen.add(name)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, float]:
         """The stored values of those ``keys`` that are present."""
-        unique = list(dict.fromkeys(keys))
-        found: dict[str, float] = {}
-        with closing(self._connect()) as con:
-            for i in range(0, len(unique), _CHUNK):
-                chunk = unique[i:i + _CHUNK]
-                rows = con.execute(f"SELECT key, value FROM judgments WHERE key IN ({','.join('?' * len(chunk))})",
-                                   chunk)
-                found.update(rows)
-        return found
+        self._refresh()
+        return {k: self._values[k] for k in dict.fromkeys(keys) if k in self._values}
 
     def put_many(self, items: Iterable[tuple[str, float]], judge: str = "") -> int:
-        """Store (key, value) pairs in one transaction; an existing key keeps its value (same key, same
-        judgment). NaN values are skipped. Returns the number of rows offered for insertion."""
-        now = time.time()
-        rows = [(k, float(v), judge, now) for k, v in items if not math.isnan(float(v))]
-        if rows:
-            with closing(self._connect()) as con, con:
-                con.executemany("INSERT OR IGNORE INTO judgments (key, value, judge, created_at) VALUES (?, ?, ?, ?)",
-                                rows)
+        """Store (key, value) pairs as one new segment; a key already stored keeps its value (same key, same
+        judgment) and NaN values are skipped. Returns the number of rows written."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._refresh()
+        rows = {}
+        for k, v in items:
+            if not math.isnan(float(v)) and k not in self._values:
+                rows.setdefault(k, float(v))
+        if not rows:
+            return 0
+        table = pa.table({"key": list(rows), "value": list(rows.values()), "judge": [judge] * len(rows),
+                          "created_at": [time.time()] * len(rows)})
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+        tmp = self.dir / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.dir / name)  # readers see the whole segment or none of it
+        self._seen.add(name)
+        for k, v in rows.items():
+            self._values.setdefault(k, v)
         return len(rows)
 
     def __len__(self) -> int:
-        with closing(self._connect()) as con:
-            return con.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+        self._refresh()
+        return len(self._values)
 
 
 class CachedJudge(Judge):
@@ -106,6 +126,23 @@ class CachedJudge(Judge):
         self.judge_hash = judge.identity_hash()
         self.native_score = type(judge).score is not Judge.score
         self.stats = {"score_hits": 0, "score_misses": 0, "compare_hits": 0, "compare_misses": 0}
+        self._pending: dict[str, float] = {}  # fresh verdicts not yet in a segment
+
+    def _lookup(self, keys: Sequence[str]) -> dict[str, float]:
+        found = self.cache.get_many([k for k in keys if k not in self._pending])
+        found.update({k: self._pending[k] for k in keys if k in self._pending})
+        return found
+
+    def _remember(self, fresh: Mapping[str, float]) -> None:
+        self._pending.update({k: v for k, v in fresh.items() if not math.isnan(v)})  # a failed verdict is retried
+        if len(self._pending) >= FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending verdicts as one segment."""
+        if self._pending:
+            self.cache.put_many(self._pending.items(), judge=self.judge_hash)
+            self._pending = {}
 
     def identity(self) -> dict[str, Any]:
         return self.judge.identity()
@@ -113,9 +150,11 @@ class CachedJudge(Judge):
     # -- pointwise ----------------------------------------------------------------------------------------------
     def score(self, items: Sequence[Item]) -> np.ndarray:
         if not self.native_score:  # mean win probability over cached pairs (base adapter via self.rank)
-            return Judge.score(self, items)
+            out = Judge.score(self, items)
+            self.flush()
+            return out
         keys = [score_key(self.judge_hash, it) for it in items]
-        found = self.cache.get_many(keys)
+        found = self._lookup(keys)
         todo = {k: it for k, it in zip(keys, items) if k not in found}  # de-duplicated misses
         n_missing = sum(k not in found for k in keys)
         self.stats["score_hits"] += len(items) - n_missing
@@ -123,8 +162,9 @@ class CachedJudge(Judge):
         if todo:
             fresh = self.judge.score(list(todo.values()))
             computed = dict(zip(todo, (float(v) for v in fresh)))
-            self.cache.put_many(computed.items(), judge=self.judge_hash)
+            self._remember(computed)
             found.update(computed)
+        self.flush()  # one segment per score call: annotate's slices reach storage as they finish
         return np.array([found[k] for k in keys], dtype=float)
 
     # -- pairwise -----------------------------------------------------------------------------------------------
@@ -149,7 +189,7 @@ class CachedJudge(Judge):
         """P(a beats b) for each pair, from the cache where present; misses go to the judge, in one ``rank``
         call over ``candidates`` when nothing is cached (the judge batches it), else one ``compare`` each."""
         keyed = [compare_key(self.judge_hash, prompt, a, b, meta) for a, b in pairs]
-        found = self.cache.get_many([k for k, _ in keyed])
+        found = self._lookup([k for k, _ in keyed])
         missing = [(pair, key, stored_order) for pair, (key, stored_order) in zip(pairs, keyed) if key not in found]
         self.stats["compare_hits"] += len(pairs) - len(missing)
         self.stats["compare_misses"] += len(missing)
@@ -166,9 +206,10 @@ class CachedJudge(Judge):
                     if key not in fresh:
                         p = float(self.judge.compare(prompt, a, b, meta))
                         fresh[key] = p if stored_order else 1.0 - p
-            self.cache.put_many(fresh.items(), judge=self.judge_hash)
+            self._remember(fresh)
             found.update(fresh)
         return [found[key] if stored_order else 1.0 - found[key] for key, stored_order in keyed]
 
     def close(self) -> None:
+        self.flush()
         self.judge.close()

@@ -114,6 +114,45 @@ def test_two_gloo_processes_train_like_one_process_with_the_whole_batch(tiny_mod
     print(f"2-process train: {wall:.1f} s")
 
 
+def test_two_rendezvous_groups_on_loopback_train_like_one_process(tiny_model, tmp_path, monkeypatch):
+    """train.nnodes=2 (one process per "host"): the stage is one rendezvous member, a ``join`` process started
+    beforehand the other; they meet at a c10d endpoint on 127.0.0.1 and train over gloo. One step of 2 groups x 2
+    pairs gives the weights of 1 process x 4 pairs (as above); the announcement is gone afterwards."""
+    import socket
+
+    from pipeline_lib.train_worker import announcement
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # both groups talk over the loopback interface only
+    torch.set_num_threads(1)
+    pairs = _four_pairs(tiny_model, tmp_path / "pairs")
+    one = train(tiny_model, pairs, TrainConfig(batch_size=4, max_steps=1, **COMMON), MethodConfig(),
+                tmp_path / "one", quiet=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    work = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    joiner = subprocess.Popen([sys.executable, "-m", "pipeline_lib.train_worker", "join", "--work-dir", str(work),
+                               "--rdzv-endpoint", endpoint, "--timeout", "300", "--quiet"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        two = train(tiny_model, pairs, TrainConfig(batch_size=2, nnodes=2, rdzv_endpoint=endpoint, max_steps=1,
+                                                   **COMMON), MethodConfig(), work, quiet=True)
+        out, _ = joiner.communicate(timeout=120)
+        wall = time.monotonic() - t0
+    finally:
+        if joiner.poll() is None:
+            joiner.kill()
+            joiner.wait()
+    assert joiner.returncode == 0, out
+    verify(two)
+    _assert_same_training(one, two, tiny_model)
+    assert read_manifest(two.path)["config"]["nnodes"] == 2
+    assert not announcement(work, endpoint).exists()
+    print(f"2 rendezvous groups: {wall:.1f} s")
+
+
 def test_a_lora_ensemble_trains_each_member_with_two_processes(tiny_model, tmp_path):
     """train.ensemble=2 with num_processes=2: each LoRA member is its own 2-process training (same seeded LoRA
     initialisation on every rank; rank 0 merges and saves), and the averaged result equals the 1-process ensemble."""

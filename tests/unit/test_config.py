@@ -22,6 +22,9 @@ def test_overrides_are_typed_and_dotted():
     ("train.beta=-1", "train.beta"),
     ("collect.k=1", "collect.k"),
     ("train.num_processes=0", "train.num_processes"),
+    ("train.nnodes=2", "several hosts need a rendezvous endpoint"),
+    ("train.rdzv_endpoint=h:29500", "an endpoint needs nnodes > 1"),
+    ("scale.shards=0", "scale.shards"),
     ("judge.kind=nope", "unknown judge 'nope'"),
     ("nosuch.section=1", "nosuch: unknown key"),
 ])

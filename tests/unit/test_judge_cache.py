@@ -1,5 +1,6 @@
 """Judgment cache: hits and misses, zero judge calls on a re-run, identity/meta changes miss, pairwise entries are
-shared by both orders, NaN is not stored, and several processes can write the same SQLite file at once."""
+shared by both orders, NaN is not stored, several processes write the same cache directory at once, and storage is
+immutable segments (no file written twice, nothing half-written visible)."""
 
 import math
 import subprocess
@@ -108,6 +109,7 @@ def test_pairwise_entries_serve_both_orders_and_scores(tmp_path):
     m = cached.rank("p", ["x", "y", "z"])
     np.testing.assert_allclose(m, [[0.5, 0.8, 0.6], [0.2, 0.5, 0.3], [0.4, 0.7, 0.5]], atol=1e-12)
     assert len(judge.calls) == 3
+    cached.close()  # pending pairwise verdicts reach storage at the end of a score call or at close
 
     fresh = TablePairwise(JudgeOptions(kind="table_pairwise"))
     again = CachedJudge(fresh, tmp_path)
@@ -152,7 +154,7 @@ WRITER = textwrap.dedent("""
     from pipeline_lib.judges.cache import JudgmentCache
     cache = JudgmentCache(sys.argv[1])
     start = int(sys.argv[2])
-    for lo in range(start, start + 300, 10):  # 30 small transactions, interleaving with the other writers
+    for lo in range(start, start + 300, 10):  # 30 small segments, interleaving with the other writers
         cache.put_many([(f"k{i}", float(i)) for i in range(lo, lo + 10)], judge="w")
 """)
 
@@ -167,3 +169,35 @@ def test_concurrent_writers_in_separate_processes(tmp_path):
     cache = JudgmentCache(tmp_path)
     assert len(cache) == 600
     assert cache.get_many([f"k{i}" for i in range(600)]) == {f"k{i}": float(i) for i in range(600)}
+
+
+def test_segments_are_immutable_whole_files_and_other_handles_see_new_ones(tmp_path):
+    """Every put is one new file, published by rename (no temporary file left, none rewritten); a handle that read
+    the cache before another process wrote sees the new verdicts on its next lookup."""
+    reader = JudgmentCache(tmp_path)
+    assert reader.get_many(["a", "b"]) == {}
+    writer = JudgmentCache(tmp_path)
+    writer.put_many([("a", 1.0)])
+    seg_dir = tmp_path / "segments"
+    first = {p.name: p.stat().st_mtime_ns for p in seg_dir.iterdir()}
+    writer.put_many([("a", 5.0), ("b", 2.0)])  # 'a' is known: only 'b' is written
+    files = sorted(seg_dir.iterdir())
+    assert len(files) == 2 and not any(p.name.startswith(".") for p in files)
+    assert all(p.stat().st_mtime_ns == first[p.name] for p in files if p.name in first)  # never rewritten
+    import pyarrow.parquet as pq
+
+    assert sorted(pq.read_table(files[1]).column("key").to_pylist()) == ["b"]
+    assert reader.get_many(["a", "b"]) == {"a": 1.0, "b": 2.0}
+
+
+def test_pairwise_verdicts_of_many_prompts_make_one_segment(tmp_path):
+    """A pairwise judge ranks prompt by prompt (annotate's win-probabilities); its verdicts are buffered and written
+    as one segment at close, not one file per prompt."""
+    judge = TablePairwise(JudgeOptions(kind="table_pairwise"))
+    cached = CachedJudge(judge, tmp_path)
+    for i in range(10):
+        cached.rank(f"p{i}", ["x", "y", "z"])
+    assert not list((tmp_path / "segments").iterdir())
+    cached.close()
+    assert len(list((tmp_path / "segments").iterdir())) == 1
+    assert len(JudgmentCache(tmp_path)) == 30

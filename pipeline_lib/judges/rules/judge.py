@@ -72,6 +72,8 @@ class RulesJudge(Judge):
     """Fraction of the prompt's verifiable instructions followed (``item.meta``: ``instruction_id_list``,
     ``kwargs``). A prompt without instructions scores 1.0 (nothing to violate, as IFEval's ``all([])``)."""
 
+    model_based = False  # string checks: milliseconds per response, never worth a shard
+
     class Options(JudgeOptions):
         mode: Literal["strict", "loose"] = "strict"
 
