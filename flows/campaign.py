@@ -108,6 +108,15 @@ def _final_comparison(config: CampaignConfig, summaries: list[dict], rounds_wall
     lineage.finish_round(parent, {**{f"start.{k}": v for k, v in out["before"].items()},
                                   **{f"final.{k}": v for k, v in out["after"].items()},
                                   "rounds_wall_s": rounds_wall_s, **paired_metrics(paired)})
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(
+        key="campaign-final",
+        table=[{"metric": k, "start": out["before"][k], "final": out["after"][k],
+                **({"delta": paired[k]["delta"], "ci_low": paired[k]["ci_low"], "ci_high": paired[k]["ci_high"],
+                    "mcnemar_p": paired[k]["p_value"]} if k in paired else {})} for k in metrics],
+        description=f"Campaign {config.name}: starting policy vs last checkpoint on the same prompts "
+                    f"(paired 95% CI of final - start; rounds {rounds_wall_s / 60:.1f} min)")
     for m in ("ifeval.prompt_level_strict", "pass_rate_strict"):
         if m in paired:
             p = paired[m]
