@@ -25,6 +25,9 @@ ALLOWED = [re.compile(p) for p in [
     r"^\[[a-z-]+\] cached$",  # a stage was a cache hit
     r"^\|.*\|$",  # the metrics and cost tables
     r"^pairs: \d+ from \d+ prompts .*; MLflow run [0-9a-f]{32}$",
+    r"^paired on the same prompts \(after - before, \d+% CI from [\d,]+ bootstrap resamples of the prompts\):$",
+    r"^  [a-z_.]+ +n=\d+ +[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]( \(\d+ gained, \d+ lost; McNemar p = "
+    r"[\d.e+-]+\))?(  \(CI excludes 0\))?$",  # one paired comparison
     r"^log: \S+\.log$",
     r"^(warning|error): \[[^\]]+\] .*$",  # a run's warning, one line (a retried stage on a loaded machine)
     r"^$",
