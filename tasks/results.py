@@ -226,6 +226,14 @@ class FlockLocks:
         self._held: dict[str, tuple[str, int]] = {}
         self._mu = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # A task sent to another process (a Ray or Dask worker) carries its cache policy and so this lock manager:
+        # it goes there as its directory only; locks held here (file descriptors of this process) stay here.
+        return {"directory": self.directory}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["directory"])
+
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.lock"
 

@@ -52,3 +52,20 @@ def test_only_known_types_are_written():
         ArtifactJSON().dumps([1, 2])
     with pytest.raises(ValueError, match="not an alignflow task result type: 'os.system'"):
         ArtifactJSON().loads(b'{"os.system": "echo"}')
+
+
+def test_lock_manager_travels_to_another_process_without_its_held_locks(tmp_path):
+    """Ray and Dask pickle a task, with its cache policy and this lock manager, to run it on a worker: the copy names
+    the same lock directory, holds none of the sender's locks, and can take a lock of its own."""
+    import cloudpickle
+
+    from tasks.results import FlockLocks
+
+    here = FlockLocks(tmp_path)
+    assert here.acquire_lock("k1", "run-a")
+    there = cloudpickle.loads(cloudpickle.dumps(here))
+    assert there.directory == here.directory and not there.is_locked("k2")
+    assert there.acquire_lock("k2", "run-b") and there.is_locked("k2")
+    there.release_lock("k2", "run-b")
+    here.release_lock("k1", "run-a")
+    assert not here.is_locked("k1")
