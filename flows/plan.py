@@ -25,11 +25,14 @@ UNKNOWN = None  # an input whose content is not known before the run (an upstrea
 
 class _Planner:
     def __init__(self, work_dir: str):
-        from prefect.filesystems import LocalFileSystem
         from prefect.results import ResultStore
 
+        from tasks.results import ArtifactJSON, WorkDirResults
+
+        # the run's own record storage: the same checks (JSON only, artifact present and verified) decide a hit, so
+        # the plan never unpickles a record and never predicts a hit the run would refuse
         base = str(results_dir(Path(work_dir).resolve()).resolve())
-        self.store = ResultStore(result_storage=LocalFileSystem(basepath=base))
+        self.store = ResultStore(result_storage=WorkDirResults(basepath=base), serializer=ArtifactJSON())
         self.steps: list[tuple[str, str]] = []
 
     def step(self, task, label: str, **params: Any):

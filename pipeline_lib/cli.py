@@ -71,7 +71,10 @@ def quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline_lib.console import forget_last_log
+
     quiet_third_party()
+    forget_last_log()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -157,6 +157,11 @@ def last_log() -> Path | None:
     return _last_log[0]
 
 
+def forget_last_log() -> None:
+    """A new command starts: an error before its own log exists must not name an earlier command's log."""
+    _last_log[0] = None
+
+
 def _reopen_for_exit(path: str) -> None:
     for s in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

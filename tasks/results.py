@@ -1,6 +1,6 @@
 """Where stage tasks keep their results, and what a cached result must prove before it is used (issue 22).
 
-A stage task returns an :class:`ArtifactRef`; Prefect persists it as a *result record* in
+A stage task returns an :class:`ArtifactRef` (a dict of them for the evaluations, a list for a shard split); Prefect persists it as a *result record* in
 ``<work_dir>/prefect-results/<cache key>`` and a later run with the same cache key reads it back instead of running
 the stage. Three things went wrong with Prefect's defaults, and this module is the answer to each:
 
@@ -68,7 +68,9 @@ def _encode(obj: Any) -> dict:
         return {"ResolvedModel": vars(obj)}
     if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
         return {"dict": {k: _encode(v) for k, v in obj.items()}}
-    raise TypeError(f"stage task results must be ArtifactRef, ResolvedModel or a dict of them, not "
+    if isinstance(obj, list):  # the shard split: one ArtifactRef per shard
+        return {"list": [_encode(v) for v in obj]}
+    raise TypeError(f"stage task results must be ArtifactRef, ResolvedModel or a dict or list of them, not "
                     f"{type(obj).__name__}")
 
 
@@ -82,6 +84,8 @@ def _decode(data: Any) -> Any:
         return ResolvedModel(**{k: str(fields[k]) for k in ("ref", "path", "sha256")})
     if kind == "dict" and isinstance(fields, dict):
         return {str(k): _decode(v) for k, v in fields.items()}
+    if kind == "list" and isinstance(fields, list):
+        return [_decode(v) for v in fields]
     raise ValueError(f"not an alignflow task result type: {kind!r}")
 
 
@@ -89,8 +93,9 @@ def _refs(payload: dict):
     """The encoded ArtifactRefs inside an encoded result (mutable dicts, for re-rooting)."""
     if "ArtifactRef" in payload and isinstance(payload["ArtifactRef"], dict):
         yield payload["ArtifactRef"]
-    elif isinstance(payload.get("dict"), dict):
-        for v in payload["dict"].values():
+    elif isinstance(payload.get("dict"), dict) or isinstance(payload.get("list"), list):
+        inner = payload["dict"].values() if "dict" in payload else payload["list"]
+        for v in inner:
             if isinstance(v, dict):
                 yield from _refs(v)
 
@@ -179,11 +184,18 @@ def checked_record(content: bytes, work_dir: Path, where: str) -> bytes:
         result = _decode(payload)
     except (ValueError, TypeError, KeyError) as e:
         raise InvalidRecord(f"{where}: {e}") from None
-    for ref in ([result] if isinstance(result, ArtifactRef) else
-                [v for v in result.values() if isinstance(v, ArtifactRef)] if isinstance(result, dict) else []):
+    for ref in _artifacts(result):
         check_artifact(ref, where)
     record["result"] = json.dumps(payload)
     return json.dumps(record).encode()
+
+
+def _artifacts(result: Any) -> list[ArtifactRef]:
+    """The ArtifactRefs a decoded result holds (itself, or the values of its dict or list)."""
+    if isinstance(result, ArtifactRef):
+        return [result]
+    inner = result.values() if isinstance(result, dict) else result if isinstance(result, list) else []
+    return [v for v in inner if isinstance(v, ArtifactRef)]
 
 
 def check_artifact(ref: ArtifactRef, where: str = "") -> None:

@@ -39,6 +39,7 @@ def _cli(tmp: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProce
            f"run.work_dir={tmp / 'work'}", f"run.mlflow_tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PREFECT_API_URL", None)  # the command's own temporary server, as for a person
+    env.pop("TQDM_DISABLE", None)  # set for the in-process unit tests (tests/unit/_tiny.py); a person has bars on
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp, env=env)
 
 

@@ -50,3 +50,14 @@ def test_verbose_changes_nothing(tmp_path):
     assert sorted(p.stdout.splitlines()) == sorted(["library print", "child out", "| table |", "after"])
     for line in ("c-level write", "child err", "a library warning", "[collect] done"):
         assert line in p.stderr
+
+
+def test_an_error_names_only_its_own_commands_log(tmp_path, capsys, monkeypatch):
+    # an earlier command in this process (a test session, a notebook) left its log path behind; a config error in the
+    # next command, raised before that command opened a log, must not send the user to the earlier command's file
+    from pipeline_lib import cli, console
+
+    monkeypatch.setattr(console, "_last_log", [tmp_path / "earlier-command.log"])
+    assert cli.main(["run", "--config", "configs/smoke.yaml", "collect.k=0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("alignflow: error: collect.k"), err

@@ -47,8 +47,24 @@ def test_dict_of_references_is_stored_relative_and_read_back_in_a_copy(tmp_path)
         _read(WorkDirResults(basepath=str(tmp_path / "b" / "prefect-results")), "k1")
 
 
+def test_a_shard_split_list_is_a_record_and_every_shard_is_checked(tmp_path):
+    """The split task returns one ArtifactRef per shard: stored relative, read back, and no hit once a shard is
+    gone (before, a list could not be stored at all and the split's transaction rolled back on every run)."""
+    a = tmp_path / "a"
+    refs = [write_table(pd.DataFrame({"x": [i]}), a / "artifacts" / "split" / f"s{i}", name=f"s{i}", producer="t")
+            for i in range(2)]
+    store = WorkDirResults(basepath=str(a / "prefect-results"))
+    store.write_path("k", _record(refs, "k"), _sync=True)
+    on_disk = json.loads(json.loads((a / "prefect-results" / "k").read_bytes())["result"])
+    assert [r["ArtifactRef"]["path"] for r in on_disk["list"]] == ["artifacts/split/s0", "artifacts/split/s1"]
+    assert _read(store, "k") == refs
+    shutil.rmtree(a / "artifacts" / "split" / "s1")
+    with pytest.raises(ValueError, match="s1 is missing"):
+        _read(store, "k")
+
+
 def test_only_known_types_are_written():
-    with pytest.raises(TypeError, match="not list"):
+    with pytest.raises(TypeError, match="not int"):
         ArtifactJSON().dumps([1, 2])
     with pytest.raises(ValueError, match="not an alignflow task result type: 'os.system'"):
         ArtifactJSON().loads(b'{"os.system": "echo"}')
@@ -69,3 +85,35 @@ def test_lock_manager_travels_to_another_process_without_its_held_locks(tmp_path
     there.release_lock("k2", "run-b")
     here.release_lock("k1", "run-a")
     assert not here.is_locked("k1")
+
+
+def test_the_dry_run_plan_reads_records_as_the_run_does(tmp_path):
+    """`--dry-run` predicts a hit for a record the run wrote (alignflow JSON), and a miss -- without unpickling it --
+    for a planted pickle record, as the run's own storage does."""
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    from flows.plan import _Planner
+
+    ref = write_table(pd.DataFrame({"x": [1]}), tmp_path / "artifacts" / "collect" / "k", name="g", producer="t")
+    store = WorkDirResults(basepath=str(tmp_path / "prefect-results"))
+    store.write_path("good", _record(ref, "good"), _sync=True)
+    marker = tmp_path / "pwned"
+    planted = ResultRecord(metadata=ResultRecordMetadata(storage_key="bad", serializer=PickleSerializer()),
+                           result=_Planted(str(marker))).serialize()
+    (tmp_path / "prefect-results" / "bad").write_bytes(planted)
+    planner = _Planner(str(tmp_path))
+    assert planner.store.exists("good") and planner.store.read("good").result == ref
+    assert not planner.store.exists("bad") and not marker.exists()
+
+
+class _Planted:
+    """Unpickling it creates a file: the sign that a planted record was executed."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
