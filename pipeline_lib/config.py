@@ -15,7 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from pipeline_lib.evaluation.ifeval import IFEvalOptions
 from pipeline_lib.hybrid import HybridOptions
-from pipeline_lib.methods import PAIRINGS, MethodConfig, SailOptions, WpoOptions, validate_round
+from pipeline_lib.methods import PAIRINGS, PAIRS, MethodConfig, SailOptions, WpoOptions, validate_round
 from pipeline_lib.preference_data import PreferenceSource
 from pipeline_lib.prompts.sources import BuiltinPrompts, PromptSource
 from pipeline_lib.scale import ScaleConfig
@@ -103,6 +103,9 @@ class PairsConfig(Section):
     winprob: Literal["authors", "pairwise"] = Field(
         "authors", description="SPPO's P(a > b) from a pairwise judge: authors = LLM-Blender's scores over all K "
                                "samples (uclaml/SPPO); pairwise = the judge's probability of each pair alone")
+    unfinished: Literal["keep", "last", "drop"] = Field(
+        "keep", description="samples cut at collect.max_tokens (they never ended): keep = ranked by score like the "
+                            "rest; last = ranked below every finished sample of the prompt; drop = not paired")
 
     @model_validator(mode="after")
     def _winprob_applies(self) -> "PairsConfig":
@@ -110,6 +113,10 @@ class PairsConfig(Section):
             users = ", ".join(name for name, spec in PAIRINGS.items() if spec.columns)
             raise ValueError(f"pairs.winprob={self.winprob} applies to win-probability pairings ({users}), not "
                              f"pairs.strategy={self.strategy}")
+        if self.unfinished != "keep" and not PAIRINGS[self.strategy].ranks_by_score:
+            users = ", ".join(name for name in PAIRS if PAIRINGS[name].ranks_by_score)
+            raise ValueError(f"pairs.unfinished={self.unfinished} applies to pairings that rank samples by the "
+                             f"judge's score ({users}), not pairs.strategy={self.strategy}")
         return self
 
 
@@ -246,7 +253,8 @@ class RoundConfig(Section):
         # incompatible switches fail when the config loads, naming the conflict (rules: pipeline_lib/methods.py);
         # the round's context first, so a data-mode conflict is named before a pairing one
         validate_round(MethodConfig.model_construct(**self._method_fields()), data_mode=self.data.mode,
-                       k=self.collect.k, batch_size=self.train.batch_size, min_margin=self.pairs.min_margin)
+                       k=self.collect.k, batch_size=self.train.batch_size, min_margin=self.pairs.min_margin,
+                       unfinished=self.pairs.unfinished)
         self.method()
         if self.promotion.metric.startswith("ifeval.") and not self.evaluate.ifeval.enabled:
             raise ValueError(f"promotion.metric={self.promotion.metric} needs evaluate.ifeval.enabled=true")

@@ -90,6 +90,11 @@ class PairSpec:
     needs_judge: bool = True  # reads the annotate stage's verdicts (False: the round skips annotate)
     uses_margin: bool = True  # honours pairs.min_margin
 
+    @property
+    def ranks_by_score(self) -> bool:
+        """Orders samples by the judge's score (the pairings with a score margin): pairs.unfinished applies."""
+        return self.uses_margin and self.needs_judge
+
 
 PAIRINGS: dict[str, PairSpec] = {
     "best_worst": PairSpec(True, "k2", "the best and the worst of {k} samples"),
@@ -156,7 +161,8 @@ def _check_pairing(m: "MethodConfig", pairing: str, keys: str) -> None:
                          f"(chosen ≻ rejected), and this pairing takes {pair.describe.format(k='K')}")
 
 
-def validate_round(m: "MethodConfig", *, data_mode: str, k: int, batch_size: int, min_margin: float = 0.0) -> None:
+def validate_round(m: "MethodConfig", *, data_mode: str, k: int, batch_size: int, min_margin: float = 0.0,
+                   unfinished: str = "keep") -> None:
     """The round's context on top of ``validate_method``: the data mode, K samples per prompt, the batch size."""
     if data_mode not in DATA_MODES:
         raise ValueError(f"data.mode: unknown value {data_mode!r}; known: {', '.join(DATA_MODES)}")
@@ -173,6 +179,9 @@ def validate_round(m: "MethodConfig", *, data_mode: str, k: int, batch_size: int
                          f"{PAIRINGS[pairing].describe} and ignores pairs.strategy (hybrid rounds: data.hybrid)")
     if pairing != m.pairs:
         _check_pairing(m, pairing, f"data.mode={data_mode}")
+        if unfinished != "keep":
+            raise ValueError(f"pairs.unfinished={unfinished} with data.mode={data_mode}: that data mode takes "
+                             f"{PAIRINGS[pairing].describe} and does not look at how samples ended")
     pair = PAIRINGS[pairing]
     if min_margin > 0 and pairing == m.pairs and not pair.uses_margin:
         raise ValueError(f"pairs.min_margin={min_margin} with pairs.strategy={m.pairs}: that pairing keeps every "

@@ -17,6 +17,13 @@ Strategies (registry ``STRATEGIES``; what each produces and which losses accept 
 - ``unlabelled``: samples (0, 1), (2, 3), … in sample order, no judge: SAIL-PP labels pairs with the policy itself
   (the round skips the annotate stage; ``score`` may be absent).
 
+``pairs.unfinished`` (score-ranked strategies only) decides what a sample cut at ``collect.max_tokens`` counts for:
+``keep`` ranks it by its score like any other; ``last`` ranks it below every finished sample of its prompt (so a
+finished sample is chosen over a cut one whatever their scores, and cut samples are ordered among themselves by
+score); ``drop`` leaves it out. A cut response never ended: the rules judge scores the text it has, which can pass
+every instruction of a prompt, so with ``keep`` DPO gets no signal against rambling and looping (in the 3-round
+IFEval campaign of 2026-12-04 a third of the chosen samples were cut, about as many as the rejected ones).
+
 The SPPO strategies carry ``chosen_winprob``/``rejected_winprob`` (P-hat of each side) and ``pair_winprob``
 (P(chosen > rejected), for ``sppo_single``) in the form ``pairs.winprob`` selects (``pipeline_lib/winprob.py``).
 """
@@ -77,6 +84,32 @@ def _unlabelled(values: np.ndarray, min_margin: float) -> list[tuple[int, int]]:
     return _consecutive(len(values))
 
 
+def _cut(g: pd.DataFrame) -> np.ndarray:
+    return (g["finish_reason"] == "length").to_numpy()
+
+
+def _keep(g: pd.DataFrame, values: np.ndarray, min_margin: float) -> tuple[pd.DataFrame, np.ndarray]:
+    return g, values
+
+
+def _last(g: pd.DataFrame, values: np.ndarray, min_margin: float) -> tuple[pd.DataFrame, np.ndarray]:
+    cut = _cut(g)
+    if not cut.any() or cut.all():
+        return g, values
+    # shifted below the lowest finished score by more than the margin: every finished sample outranks every cut one
+    offset = float(np.max(values) - np.min(values)) + min_margin + 1.0
+    return g, np.where(cut, values - offset, values)
+
+
+def _drop(g: pd.DataFrame, values: np.ndarray, min_margin: float) -> tuple[pd.DataFrame, np.ndarray]:
+    finished = ~_cut(g)
+    return g[finished].reset_index(drop=True), values[finished]
+
+
+# pairs.unfinished: (a prompt's samples, their ranking values) -> the samples and values the strategy picks from
+UNFINISHED: dict[str, Callable[[pd.DataFrame, np.ndarray, float], tuple[pd.DataFrame, np.ndarray]]] = {
+    "keep": _keep, "last": _last, "drop": _drop}
+
 STRATEGIES: dict[str, Pick] = {
     "best_worst": _best_worst,
     "all_pairs": _all_pairs,
@@ -92,10 +125,13 @@ KEY_COLUMN = {"best_worst": "score", "all_pairs": "score", "iid_pairs": "score",
 
 
 def build_pairs(judged: pd.DataFrame, strategy: str, min_margin: float = 0.0,
-                winprob: str = "authors") -> tuple[pd.DataFrame, dict]:
+                winprob: str = "authors", unfinished: str = "keep") -> tuple[pd.DataFrame, dict]:
     """Pure function behind the stage: returns (pairs, counts)."""
-    pick = STRATEGIES[strategy]
+    pick, rank = STRATEGIES[strategy], UNFINISHED[unfinished]
     key = KEY_COLUMN[strategy]
+    if unfinished != "keep" and "finish_reason" not in judged.columns:
+        raise ValueError(f"pairs.unfinished={unfinished} needs the judged table's 'finish_reason' column (how each "
+                         "sample ended, written by the collect stage); this table lacks it")
     uses_winprob = key == "winprob"
     if uses_winprob:  # the configured form's columns, under the names the pairs table and the losses use
         mean_col, row_col = WINPROB_COLUMNS[winprob]
@@ -109,7 +145,8 @@ def build_pairs(judged: pd.DataFrame, strategy: str, min_margin: float = 0.0,
     for _, g in judged.groupby("prompt_id", sort=False):
         g = g.sort_values("sample_index").reset_index(drop=True)
         values = g[key].to_numpy(dtype=float) if key else np.zeros(len(g))
-        idx = pick(values, min_margin)
+        g, values = rank(g, values, min_margin)
+        idx = pick(values, min_margin) if len(values) else []
         n_tied += not idx
         for i, j in idx:
             row = {c: g.at[0, c] for c in PROMPT_COLUMNS if c in g.columns}
@@ -125,6 +162,8 @@ def build_pairs(judged: pd.DataFrame, strategy: str, min_margin: float = 0.0,
     scored = len(pairs) and "chosen_score" in pairs.columns
     counts = {"n_prompts": n_prompts, "n_pairs": len(pairs), "n_prompts_tied": n_tied,
               "mean_score_gap": float((pairs["chosen_score"] - pairs["rejected_score"]).mean()) if scored else 0.0}
+    if unfinished != "keep":
+        counts["n_samples_unfinished"] = int((judged["finish_reason"] == "length").sum())
     return pairs, counts
 
 
@@ -134,7 +173,7 @@ def make_pairs(judgments: ArtifactRef, cfg: PairsConfig, work_dir: str | Path) -
     out = output_dir(work_dir, "pair", inputs, config)
     if done(out):
         return ref_from_dir(out)
-    pairs, counts = build_pairs(read_table(judgments), cfg.strategy, cfg.min_margin, cfg.winprob)
+    pairs, counts = build_pairs(read_table(judgments), cfg.strategy, cfg.min_margin, cfg.winprob, cfg.unfinished)
     if counts["n_pairs"] == 0:
         raise ValueError(f"no preference pairs: all {counts['n_prompts']} prompts had tied scores "
                          f"(margin > {cfg.min_margin} required); sample more (collect.k) or use another judge")

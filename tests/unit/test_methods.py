@@ -48,6 +48,11 @@ REJECTED = [
      ["pairs.winprob=pairwise applies to win-probability pairings", "pairs.strategy=best_worst"]),
     (SPPO + ["pairs.min_margin=0.1"],
      ["pairs.min_margin=0.1 with pairs.strategy=sppo_winprob", "keeps every prompt"]),
+    (SPPO + ["pairs.unfinished=last"],  # P-hat is estimated over all K samples: re-ranking would not change it
+     ["pairs.unfinished=last applies to pairings that rank samples by the judge's score",
+      "best_worst, all_pairs, iid_pairs", "not pairs.strategy=sppo_winprob"]),
+    (["pairs.unfinished=drop", "data.mode=hybrid", DATASET],
+     ["pairs.unfinished=drop with data.mode=hybrid", "does not look at how samples ended"]),
 ]
 
 
@@ -76,6 +81,8 @@ ACCEPTED = [
     ["train.loss=sppo_hard", "data.mode=off_policy", DATASET],
     ["train.reference=behavior"],  # BPO on the round's own samples
     ["data.mode=hybrid", DATASET, "train.weighting=wpo"],  # WPO's hybrid setting
+    ["pairs.unfinished=last"],
+    ["pairs.unfinished=drop", "pairs.strategy=iid_pairs", "train.loss=sail"],
 ]
 
 

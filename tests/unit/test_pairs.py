@@ -156,3 +156,49 @@ def test_iid_and_unlabelled_pairs_keep_samples_apart():
     pairs, counts = build_pairs(unscored, "unlabelled")
     assert list(zip(pairs.chosen, pairs.rejected)) == [("p1-r0", "p1-r1"), ("p1-r2", "p1-r3")]
     assert counts["mean_score_gap"] == 0.0 and "chosen_score" not in pairs.columns
+
+
+def _with_endings(scores, endings):
+    df = judged({"p1": scores})
+    return df.assign(finish_reason=["length" if e == "cut" else "stop" for e in endings])
+
+
+def test_unfinished_samples_keep_last_drop_by_hand():
+    # scores [1.0, 0.5, 0.0, 1.0]; samples 0 and 3 were cut at max_tokens.
+    df = _with_endings([1.0, 0.5, 0.0, 1.0], ["cut", "end", "end", "cut"])
+    pick = {mode: build_pairs(df, "best_worst", unfinished=mode) for mode in ("keep", "last", "drop")}
+    # keep: best = first 1.0 (sample 0, cut), worst = 0.0 (sample 2)
+    assert list(zip(pick["keep"][0].chosen, pick["keep"][0].rejected)) == [("p1-r0", "p1-r2")]
+    # last: the finished ones (0.5, 0.0) outrank both cut ones (1.0 - (1.0 - 0.0 + 0 + 1) = -1.0 each): best = 0.5
+    # (sample 1), worst = the first cut sample (0); the rows keep the judge's scores, so the gap is 0.5 - 1.0
+    last, counts = pick["last"]
+    assert list(zip(last.chosen, last.rejected)) == [("p1-r1", "p1-r0")]
+    assert (last.chosen_score[0], last.rejected_score[0]) == (0.5, 1.0)
+    assert counts == {"n_prompts": 1, "n_pairs": 1, "n_prompts_tied": 0, "mean_score_gap": -0.5,
+                      "n_samples_unfinished": 2}
+    # drop: only samples 1 and 2 are paired
+    assert list(zip(pick["drop"][0].chosen, pick["drop"][0].rejected)) == [("p1-r1", "p1-r2")]
+    assert list(pick["drop"][0].chosen_sample_index) == [1] and list(pick["drop"][0].rejected_sample_index) == [2]
+
+
+def test_unfinished_last_with_all_pairs_and_a_margin():
+    # [0.5 end, 1.0 cut, 0.0 end], margin 0.3: the cut sample's value is 1.0 - (1.0 + 0.3 + 1) = -1.3.
+    # keep: (1,0) gap 0.5, (1,2) gap 1.0, (0,2) gap 0.5 -> 3 pairs; last: (0,2) 0.5, (0,1) 1.8, (2,1) 1.3 -> 3 pairs
+    df = _with_endings([0.5, 1.0, 0.0], ["end", "cut", "end"])
+    keep, _ = build_pairs(df, "all_pairs", min_margin=0.3)
+    last, _ = build_pairs(df, "all_pairs", min_margin=0.3, unfinished="last")
+    assert sorted(zip(keep.chosen, keep.rejected)) == [("p1-r0", "p1-r2"), ("p1-r1", "p1-r0"), ("p1-r1", "p1-r2")]
+    assert sorted(zip(last.chosen, last.rejected)) == [("p1-r0", "p1-r1"), ("p1-r0", "p1-r2"), ("p1-r2", "p1-r1")]
+
+
+def test_unfinished_changes_nothing_when_all_or_none_are_cut_and_drop_can_leave_no_pair():
+    for endings in (["end"] * 3, ["cut"] * 3):
+        df = _with_endings([0.2, 0.9, 0.4], endings)
+        assert build_pairs(df, "best_worst", unfinished="last")[0].equals(build_pairs(df, "best_worst")[0])
+    _, counts = build_pairs(_with_endings([0.2, 0.9, 0.4], ["cut", "end", "cut"]), "best_worst", unfinished="drop")
+    assert counts["n_pairs"] == 0 and counts["n_prompts_tied"] == 1  # one finished sample: nothing to pair
+
+
+def test_unfinished_needs_how_samples_ended():
+    with pytest.raises(ValueError, match="needs the judged table's 'finish_reason' column"):
+        build_pairs(judged({"p1": [0.0, 1.0]}), "best_worst", unfinished="last")
