@@ -22,7 +22,9 @@ Strategies (registry ``STRATEGIES``; what each produces and which losses accept 
 finished sample is chosen over a cut one whatever their scores, and cut samples are ordered among themselves by
 score); ``drop`` leaves it out. A cut response never ended: the rules judge scores the text it has, which can pass
 every instruction of a prompt, so with ``keep`` DPO gets no signal against rambling and looping (in the 3-round
-IFEval campaign of 2026-12-04 a third of the chosen samples were cut, about as many as the rejected ones).
+IFEval campaign of 2026-12-04 a third of the chosen samples were cut, about as many as the rejected ones). ``last``
+measured in that campaign (docs/efficacy.md, run s3): IFEval answers at the token limit 54% -> 18%, but IFEval
++2.8 points against +4.4 with ``keep``: a finished sample that fails the instructions now beats a cut one that passes.
 
 The SPPO strategies carry ``chosen_winprob``/``rejected_winprob`` (P-hat of each side) and ``pair_winprob``
 (P(chosen > rejected), for ``sppo_single``) in the form ``pairs.winprob`` selects (``pipeline_lib/winprob.py``).
