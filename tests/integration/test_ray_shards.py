@@ -34,8 +34,13 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def harness():
+    from prefect.events.worker import EventsWorker
     from prefect.testing.utilities import prefect_test_harness
 
+    # Task runs reach the server as events, through one events worker per process whose client took the API URL of
+    # the first server it served: after an earlier test's in-process flows it could send this module's task runs there
+    # (the shards' own, sent from Ray's worker processes, would still arrive). Stop it; the next event starts a new one.
+    EventsWorker.drain_all(timeout=10)
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
@@ -99,6 +104,15 @@ class _KillFirstShardEngine(threading.Thread):
             time.sleep(0.2)
 
 
+def _stage_runs(cfg) -> int:
+    """MLflow stage runs (children of a round run) in the config's store: every stage task that executes logs one."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(cfg.run.mlflow_tracking_uri)
+    exp = c.get_experiment_by_name(cfg.run.experiment)
+    return sum(1 for r in c.search_runs([exp.experiment_id], max_results=1000) if r.data.tags.get("mlflow.parentRunId"))
+
+
 def _task_runs(flow_name: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
@@ -135,12 +149,13 @@ def runs(ray_head, harness, tmp_path_factory):
     while (len(shard_runs := _task_runs("collect-shards")) < 2 or any(r.state_name == "Running" for r in shard_runs)) \
             and time.monotonic() < deadline:
         time.sleep(1)
+    stage_runs_before = _stage_runs(ray_cfg)
     t0 = time.perf_counter()
     again = flow(ray_cfg, policy, 4, return_state=True)
     again_s = time.perf_counter() - t0
     print(f"\n[ray shards] sequential {seq_s:.1f} s, ray with a killed shard {ray_s:.1f} s, ray re-run {again_s:.1f} s")
     return {"seq": seq, "seq_cfg": seq_cfg, "ray": first, "killed": killer.killed, "shard_runs": shard_runs,
-            "again": again}
+            "again": again, "stage_runs": (stage_runs_before, _stage_runs(ray_cfg))}
 
 
 def test_ray_merged_artifact_equals_the_sequential_one_row_for_row(runs):
@@ -171,8 +186,12 @@ def test_a_killed_shard_is_retried_alone(runs):
 def test_a_rerun_is_all_cache_hits(runs):
     from prefect.client.orchestration import get_client
 
+    from prefect.events.worker import EventsWorker
+
     state = runs["again"]
     assert state.result().sha256 == runs["ray"].sha256
+    before, after = runs["stage_runs"]
+    assert before > 0 and after == before  # nothing ran again: no stage (prompts, split, shards, merge) logged a run
 
     async def task_states(flow_run_id):
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
@@ -186,11 +205,14 @@ def test_a_rerun_is_all_cache_hits(runs):
             return {r.name: r.state_name for r in trs if not r.name.startswith("collect-shards")}
 
     # prompts, split, the two shards (named by shard), merge (Prefect adds a random suffix to unnamed runs). Task
-    # runs reach the server as events, recorded asynchronously: under load the parent's appear seconds later.
+    # runs reach the server as events, recorded asynchronously: flush this process's events, then wait for them. In
+    # the whole suite (CI, 2026-12-04) the parent's own task runs at times never reached the harness's server while
+    # the shards' did (sent from Ray's workers); the MLflow count above is the check that does not depend on it.
+    EventsWorker.drain_all(timeout=30)
     deadline = time.monotonic() + 60
     while len(states := asyncio.run(task_states(state.state_details.flow_run_id))) < 5 and time.monotonic() < deadline:
         time.sleep(1)
-    assert len(states) == 5 and {"collect-0/2", "collect-1/2"} <= set(states), states
+    assert {"collect-0/2", "collect-1/2"} <= set(states), states
     assert set(states.values()) == {"Cached"}, states
 
 
