@@ -34,8 +34,14 @@ TREND_METRICS: list[tuple[str, tuple[str, ...], str]] = [
     ("mt_bench_score", ("mt_bench_score", "mt_bench", "mt_bench.score"), "MT-Bench score (1-10)"),
     ("ifeval_prompt_strict", ("ifeval.prompt_level_strict",), "IFEval prompt-level strict"),
     ("ifeval_instruction_strict", ("ifeval.instruction_level_strict",), "IFEval instruction-level strict"),
+    ("ifeval_truncated", ("ifeval.truncated_share",), "IFEval share cut at the token limit"),
     ("mean_tokens", ("mean_tokens",), "mean response tokens"),
 ]
+
+# Which way is better, where it is not "up" (the report colours a delta green only when it is an improvement):
+# a shorter or longer answer is neither (length alone says nothing of quality), fewer answers cut at the token
+# limit is better (a cut answer cannot satisfy an end phrase or a closing format).
+DIRECTION: dict[str, int] = {"mean_tokens": 0, "ifeval_truncated": -1}
 
 # Training curves: (MLflow metric name as lineage logs it -- TRL's "rewards/margins" with "/" -> "_" --, title).
 TRAIN_CURVES: list[tuple[str, str]] = [

@@ -123,11 +123,19 @@ def trend_section(data: ReportData) -> str:
             "(before) and the round's candidate (after).</p>" + _img(charts.trend_chart(table), "metric trend"))
 
 
-def _delta_td(before: float | None, after: float | None) -> str:
+def _tone(low: float, high: float, canonical: str) -> str:
+    """CSS class of a change whose value (or interval) lies in [low, high]: "up" when it is an improvement,
+    "down" when it is a loss, by the metric's direction (``charts.DIRECTION``; neutral metrics stay grey)."""
+    sign = charts.DIRECTION.get(canonical, 1)
+    return ("up" if sign * low > 0 and sign * high > 0 else "down" if sign * low < 0 and sign * high < 0
+            else "muted")
+
+
+def _delta_td(before: float | None, after: float | None, canonical: str) -> str:
     if before is None or after is None or math.isnan(before) or math.isnan(after):
         return _td("–", "num")
     d = after - before
-    return _td(f"{d:+.3f}", "num " + ("up" if d > 0 else "down" if d < 0 else "muted"))
+    return _td(f"{d:+.3f}", "num " + _tone(d, d, canonical))
 
 
 def _stage_rows(r: RoundData) -> list[list[str]]:
@@ -146,10 +154,10 @@ def _stage_rows(r: RoundData) -> list[list[str]]:
     return rows
 
 
-def _ci_cells(metrics: Mapping[str, float], name: str) -> list[str]:
+def _ci_cells(metrics: Mapping[str, float], name: str, canonical: str) -> list[str]:
     """The paired comparison of metric ``name`` (MLflow ``paired.<name>.*``): its CI and McNemar p, or dashes."""
     lo, hi = metrics.get(f"paired.{name}.ci_low"), metrics.get(f"paired.{name}.ci_high")
-    ci = _td(f"[{lo:+.3f}, {hi:+.3f}]", "num " + ("up" if lo > 0 else "down" if hi < 0 else "muted"),
+    ci = _td(f"[{lo:+.3f}, {hi:+.3f}]", "num " + _tone(lo, hi, canonical),
              metric=f"paired.{name}.ci", value=f"{lo!r},{hi!r}") if lo is not None and hi is not None else _td("–")
     p = metrics.get(f"paired.{name}.p_value")
     return [ci, _metric_td(metrics, f"paired.{name}.p_value") if p is not None else _td("–", "num")]
@@ -174,7 +182,7 @@ def round_section(r: RoundData, open_: bool) -> str:
     for c, label in _present_metrics([r]):
         kb, ka = _metric_key(r.metrics, "before", c), _metric_key(r.metrics, "after", c)
         mrows.append([_td(escape(label)), _metric_td(r.metrics, kb), _metric_td(r.metrics, ka),
-                      _delta_td(r.metrics.get(kb), r.metrics.get(ka)), *_ci_cells(r.metrics, ka[len("after."):])])
+                      _delta_td(r.metrics.get(kb), r.metrics.get(ka), c), *_ci_cells(r.metrics, ka[len("after."):], c)])
     if mrows:
         parts.append("<h3>Evaluation: champion and candidate on the same prompts</h3>" + _table(
             ["metric", "champion (before)", "candidate (after)", "delta", "95% CI of delta (paired)",
@@ -205,7 +213,7 @@ def final_section(final: FinalComparison | None) -> str:
         if name is None:
             continue
         rows.append([_td(escape(label)), _metric_td(m, f"start.{name}"), _metric_td(m, f"final.{name}"),
-                     _delta_td(m.get(f"start.{name}"), m.get(f"final.{name}")), *_ci_cells(m, name)])
+                     _delta_td(m.get(f"start.{name}"), m.get(f"final.{name}"), c), *_ci_cells(m, name, c)])
     wall = m.get("rounds_wall_s")
     head = (f"<h2>Campaign: start vs final</h2><p class='small muted'>The campaign's starting policy and its last "
             f"checkpoint on the same prompts (run {_code(final.run_id)}); intervals are paired bootstrap intervals "
