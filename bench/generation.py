@@ -1,16 +1,28 @@
-"""Generation: the collect stage's vLLM path vs batched Hugging Face ``generate``, same model, prompts, sampling.
+"""Generation: the collect stage's vLLM path vs batched Hugging Face ``generate``, same model, prompts, sampling,
+and both against the machine's limits.
 
 Both sample K completions per prompt at temperature 1 / top-p 1 with the same max_new_tokens and stop at EOS;
 throughput is generated tokens per second of generation (engine/model load reported separately).
-Run: python -m bench.generation [--model REF] [--prompts N] [--k K] [--max-tokens T]
+
+Rooflines, measured in the same run: a generated token costs about 2 N FLOPs (N the parameters of the matmuls, the
+tied head included), so the compute roofline is ``peak / 2N`` tokens/s with ``peak`` the measured bf16 matmul rate;
+a decode step reads every weight once for the whole running batch, so the memory roofline is ``B * bandwidth /
+weight bytes`` for a batch of B sequences (B = prompts x K at the start of the batch, fewer as sequences finish;
+KV-cache reads are left out, so it is an upper bound). The fraction reported is of the lower of the two.
+
+``--variant NAME=JSON`` runs the vLLM side again with those engine arguments (e.g. ``compiled={"enforce_eager":
+false}``), each in its own engine process, so settings are compared in one run.
+Run: python -m bench.generation [--model REF] [--prompts N] [--k K] [--max-tokens T] [--variant NAME=JSON ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
-from bench.common import machine, md_table, save
+from bench.common import machine, matmul_peak_tflops, md_table, save
 
 
 def hf_generate(model_path: str, prompt_ids: list[list[int]], k: int, max_tokens: int, batch_prompts: int,
@@ -46,16 +58,57 @@ def hf_generate(model_path: str, prompt_ids: list[list[int]], k: int, max_tokens
             "tokens_per_s": n_tokens / gen_s}
 
 
-def vllm_collect(model_path: str, prompt_ids: list[list[int]], k: int, max_tokens: int) -> dict:
+def vllm_collect(model_path: str, prompt_ids: list[list[int]], k: int, max_tokens: int, name: str = "",
+                 engine_args: dict | None = None) -> dict:
     from pipeline_lib.generation.sampling import SamplingSpec, sample
 
     t0 = time.perf_counter()
     _, stats = sample(model_path, prompt_ids, SamplingSpec(n=k, temperature=1.0, top_p=1.0, max_tokens=max_tokens,
-                                                           seed=0, quiet=True))
+                                                           seed=0, quiet=True,
+                                                           extra={"engine_args": engine_args or {}}))
     total = time.perf_counter() - t0
-    return {"backend": "alignflow collect (vLLM)", "load_s": stats["load_s"], "generate_s": stats["generate_s"],
+    label = "alignflow collect (vLLM)" + (f" [{name}: {json.dumps(engine_args)}]" if name else "")
+    return {"backend": label, "load_s": stats["load_s"], "generate_s": stats["generate_s"],
             "generated_tokens": stats["generated_tokens"], "tokens_per_s": stats["generated_tokens"] /
             stats["generate_s"], "wall_s_incl_start": total}
+
+
+def matmul_params(model_path: str) -> int:
+    """Parameters that take part in a matmul per generated token: every weight in the checkpoint except the input
+    embedding, which is a lookup; with tied embeddings that same matrix is the output head and does count."""
+    from safetensors import safe_open
+
+    total, embed = 0, 0
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                total += n
+                embed += n if key.endswith("embed_tokens.weight") else 0
+    tied = json.loads((Path(model_path) / "config.json").read_text()).get("tie_word_embeddings", False)
+    return total if tied else total - embed
+
+
+def memory_gbps(mib: int = 512, reps: int = 5) -> float:
+    """Copy bandwidth (GB/s, bytes read + written) of a tensor much larger than the caches."""
+    import torch
+
+    a = torch.ones(mib * 2**20 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    return 2 * a.numel() * 4 * reps / (time.perf_counter() - t) / 1e9
+
+
+def rooflines(n_params: int, batch: int, peak_tflops: float, gbps: float, bytes_per_param: int = 2) -> dict:
+    compute = peak_tflops * 1e12 / (2 * n_params)
+    memory = batch * gbps * 1e9 / (n_params * bytes_per_param)
+    return {"params": n_params, "peak_bf16_tflops": peak_tflops, "memory_gbps": gbps, "batch": batch,
+            "compute_roofline_tok_s": compute, "memory_roofline_tok_s": memory, "roofline_tok_s": min(compute, memory)}
 
 
 def main(argv=None) -> dict:
@@ -66,7 +119,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--hf-batch-prompts", type=int, default=8)
     ap.add_argument("--hf-dtype", default="bfloat16")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=JSON vLLM engine arguments, repeatable")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF generate side")
     a = ap.parse_args(argv)
+    variants = [(v.split("=", 1)[0], json.loads(v.split("=", 1)[1])) for v in a.variant]
     from transformers import AutoTokenizer
 
     from pipeline_lib.generation.sampling import render_chat
@@ -77,14 +133,25 @@ def main(argv=None) -> dict:
     tok = AutoTokenizer.from_pretrained(m.path)
     prompts = generate_prompts(a.prompts, 0, "train")["prompt"].tolist()
     _, ids = render_chat(tok, [[{"role": "user", "content": p}] for p in prompts])
-    rows = [vllm_collect(m.path, ids, a.k, a.max_tokens),
-            hf_generate(m.path, ids, a.k, a.max_tokens, a.hf_batch_prompts, a.hf_dtype)]
-    ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-    result = {"bench": "generation", "machine": machine(), "settings": vars(a), "rows": rows,
+    rows = [vllm_collect(m.path, ids, a.k, a.max_tokens)]
+    rows += [vllm_collect(m.path, ids, a.k, a.max_tokens, name, args) for name, args in variants]
+    if not a.no_hf:
+        rows.append(hf_generate(m.path, ids, a.k, a.max_tokens, a.hf_batch_prompts, a.hf_dtype))
+    roof = rooflines(matmul_params(m.path), a.prompts * a.k, matmul_peak_tflops("bfloat16"), memory_gbps())
+    for r in rows:
+        r["roofline_fraction"] = r["tokens_per_s"] / roof["roofline_tok_s"]
+    hf = next((r for r in rows if r["backend"] == "hf_generate"), None)
+    ratio = rows[0]["tokens_per_s"] / hf["tokens_per_s"] if hf else None
+    result = {"bench": "generation", "machine": machine(), "settings": vars(a), "rows": rows, "roofline": roof,
               "ratio_vllm_over_hf": ratio, "target": 1.5}
     save("generation", result)
-    print(md_table(rows, ["backend", "generated_tokens", "generate_s", "tokens_per_s", "load_s"]))
-    print(f"\nvLLM / HF generate tokens/s: {ratio:.2f}x (target >= 1.5x)")
+    print(md_table(rows, ["backend", "generated_tokens", "generate_s", "tokens_per_s", "roofline_fraction",
+                          "load_s"]))
+    print(f"\nrooflines ({roof['params'] / 1e6:.1f}M matmul params, bf16 peak {roof['peak_bf16_tflops']:.2f} TFLOP/s, "
+          f"copy bandwidth {roof['memory_gbps']:.1f} GB/s, batch {roof['batch']}): compute "
+          f"{roof['compute_roofline_tok_s']:.0f} tok/s, memory {roof['memory_roofline_tok_s']:.0f} tok/s")
+    if ratio:
+        print(f"vLLM / HF generate tokens/s: {ratio:.2f}x (target >= 1.5x)")
     return result
 
 

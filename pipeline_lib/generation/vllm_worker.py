@@ -79,12 +79,13 @@ def run(spec: dict):
     llm = LLM(
         model=spec["model"],
         seed=spec["seed"],  # per-request seeds crash the CPU sampler ("CPU Generator does not use offset")
-        enforce_eager=not on_gpu,
         dtype=spec.get("dtype", "auto"),
         max_model_len=spec.get("max_model_len"),
         gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
         tensor_parallel_size=spec.get("tensor_parallel_size", 1),
         load_format=load_format,
+        # vLLM engine arguments a caller sets explicitly (bench.generation's sweep: max_num_seqs, compilation, ...)
+        **{"enforce_eager": not on_gpu, **spec.get("engine_args", {})},
     )
     t_load = time.perf_counter() - t0
     params = SamplingParams(
