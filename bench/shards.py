@@ -31,7 +31,7 @@ from tasks.common import task_options
 os.environ.update(LOCAL_ENV)
 
 
-@task(**task_options("noop-shard"), task_run_name="noop-{shard}")
+@task(**{**task_options("noop-shard"), "task_run_name": "noop-{shard}"})
 def noop_shard_task(ctx: st.ShardContext, shard: str, nonce: str) -> ArtifactRef:
     """A shard that does nothing: what is left of its wall time is the engine's."""
     return ArtifactRef(kind="table", name="noop", path=ctx.work_dir, sha256=nonce)
