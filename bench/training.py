@@ -131,7 +131,7 @@ def run_one(side: str, model_ref: str, pairs_path: str, steps: int, batch: int, 
         from pipeline_lib.artifacts import write_table
         from pipeline_lib.config import TrainConfig
         from pipeline_lib.losses import MethodConfig
-        from pipeline_lib.training import train
+        from pipeline_lib.stages.train import run as train
 
         with tempfile.TemporaryDirectory() as work:
             pairs = write_table(df, Path(work) / "pairs", name="pairs", producer="bench")

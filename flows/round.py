@@ -92,7 +92,7 @@ def evaluate_both(config: RoundConfig, champion: ResolvedModel, candidate: Resol
     """Champion and candidate on the same held-out prompts (and IFEval's when enabled): (champion metrics,
     candidate metrics, paired comparisons by metric name), on as many GPUs as the policy needs to sample
     (collect.tensor_parallel_size)."""
-    from pipeline_lib.evaluation.heldout import paired_heldout
+    from pipeline_lib.stages.evaluate import paired_heldout
     from pipeline_lib.evaluation.ifeval import paired_ifeval
 
     ev, tp = config.evaluate, config.collect.tensor_parallel_size

@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from pipeline_lib.evaluation.ifeval import IFEvalOptions
-from pipeline_lib.hybrid import HybridOptions
 from pipeline_lib.methods import PAIRINGS, PAIRS, MethodConfig, SailOptions, WpoOptions, validate_round
-from pipeline_lib.preference_data import PreferenceSource
 from pipeline_lib.prompts.sources import BuiltinPrompts, PromptSource
 from pipeline_lib.scale import ScaleConfig
+from pipeline_lib.stages.dataset_pairs import PreferenceSource
+from pipeline_lib.stages.hybrid_pair import HybridOptions
 
 
 class ConfigError(ValueError):

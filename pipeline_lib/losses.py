@@ -17,7 +17,7 @@ Departures, stated once:
 - ``sppo`` keeps the uclaml/SPPO code's ½ (the mean of the two squared errors). On the code's pair (the argmax and
   argmin of P̂ among the K samples, ``pairs.strategy: sppo_winprob``) that is not an unbiased estimate of Algorithm
   1's expectation over y ~ π_t: both responses are selected for extreme P̂. ``pairs.strategy: sppo_all`` regresses
-  every sample instead (see ``pipeline_lib/pairs.py``). ``sppo_hard`` is TRL's and has no ½, so
+  every sample instead (see ``pipeline_lib/stages/pair.py``). ``sppo_hard`` is TRL's and has no ½, so
   ``sppo(P̂_w=1, P̂_l=0) = ½·sppo_hard``.
 - ``ipo`` uses length-averaged log-ratios, like TRL (the IPO paper writes sequence log-ratios; TRL's comment
   says the authors confirmed the normalisation).

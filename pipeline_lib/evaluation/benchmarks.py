@@ -41,8 +41,8 @@ from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, sha256
 from pipeline_lib.evaluation import alpaca_eval as ae
 from pipeline_lib.evaluation import mt_bench as mtb
 from pipeline_lib.evaluation.bench_config import GenerationConfig, judge_options, shared_mt_bench_file
-from pipeline_lib.judges.annotate import judge_in_chunks
 from pipeline_lib.judges.base import Item, build_judge
+from pipeline_lib.judges.batching import judge_in_chunks
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.report.progress import Progress
 from pipeline_lib.stage import done, output_dir

@@ -64,7 +64,7 @@ def test_dask_shards_run_where_the_resource_is_and_equal_local_shards(cluster, h
 
     from flows.round import _flow_run_id, _with_storage
     from flows.sharded import ShardedStages
-    from pipeline_lib.judges.annotate import annotate
+    from pipeline_lib.stages.annotate import run as annotate
     from pipeline_lib.lineage import RoundLineage
     from pipeline_lib.scale import merge_judgments, split_table
     from tasks.common import RoundContext

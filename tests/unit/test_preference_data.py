@@ -12,10 +12,11 @@ from _tiny import tiny_tokenizer
 
 from pipeline_lib.artifacts import read_manifest, read_table, sha256_json
 from pipeline_lib.models import ResolvedModel
-from pipeline_lib.pairs import PROMPT_COLUMNS as PAIRS_PROMPT_COLUMNS
-from pipeline_lib.preference_data import PAIR_COLUMNS, FilePairs, HubPairs, load_preference_pairs, make_dataset_pairs
 from pipeline_lib.prompts.validate import DataError
-from pipeline_lib.training import pairs_dataset
+from pipeline_lib.stages.dataset_pairs import PAIR_COLUMNS, FilePairs, HubPairs, load_preference_pairs
+from pipeline_lib.stages.dataset_pairs import run as make_dataset_pairs
+from pipeline_lib.stages.pair import PROMPT_COLUMNS as PAIRS_PROMPT_COLUMNS
+from pipeline_lib.stages.train.fit import pairs_dataset
 
 
 def rendered(user: str, system: str | None = None) -> str:

@@ -2,7 +2,7 @@ import pytest
 
 from pipeline_lib.artifacts import read_table
 from pipeline_lib.config import ConfigError, PromptsConfig, load_config
-from pipeline_lib.prompts.stage import make_prompts
+from pipeline_lib.stages.prompts import run as make_prompts
 
 
 def test_campaign_shards_are_disjoint_and_cover_one_draw(tmp_path):

@@ -23,8 +23,9 @@ from pipeline_lib.report.progress import Progress
 from pipeline_lib.stage import done, output_dir
 
 
-def collect(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, work_dir: str | Path,
-            quiet: bool = False) -> ArtifactRef:
+def run(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, work_dir: str | Path,
+        quiet: bool = False) -> ArtifactRef:
+    """K samples per prompt of ``prompts`` from ``policy`` (vLLM in a child process), with the behavior log-probs."""
     from transformers import AutoTokenizer
 
     config = cfg.model_dump()

@@ -169,7 +169,8 @@ def build_pairs(judged: pd.DataFrame, strategy: str, min_margin: float = 0.0,
     return pairs, counts
 
 
-def make_pairs(judgments: ArtifactRef, cfg: PairsConfig, work_dir: str | Path) -> ArtifactRef:
+def run(judgments: ArtifactRef, cfg: PairsConfig, work_dir: str | Path) -> ArtifactRef:
+    """The pairs table of ``judgments`` under ``cfg.strategy``; raises ValueError when no prompt gives a pair."""
     config = cfg.model_dump()
     inputs = {"judgments": judgments.sha256}
     out = output_dir(work_dir, "pair", inputs, config)
