@@ -21,9 +21,10 @@ from pydantic import Field
 from prefect import flow, get_run_logger
 
 from pipeline_lib.artifacts import sha256_json
-from pipeline_lib.config import RoundConfig, Section
+from pipeline_lib.config import RoundConfig
 from pipeline_lib.lineage import CAMPAIGN_FINAL_TAG
 from pipeline_lib.models import ResolvedModel
+from pipeline_lib.sections import Section
 from flows.round import IFEVAL_METRICS, REPORT_METRICS, alignment_round, evaluate_both, paired_metrics
 
 

@@ -14,11 +14,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, sha256_json
-from pipeline_lib.config import PromotionConfig, RoundConfig
+from pipeline_lib.config import RoundConfig
 from pipeline_lib.cost import prefixed, round_cost
 from pipeline_lib.lineage import RoundLineage
 from pipeline_lib.methods import PAIRINGS
 from pipeline_lib.models import ResolvedModel
+from pipeline_lib.promotion import PromotionConfig
 from flows.sharded import ShardedStages
 from tasks.common import RoundContext
 from tasks.evaluate import benchmark_data_task, ifeval_task

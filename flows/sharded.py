@@ -36,9 +36,11 @@ from typing import Any, Callable, ContextManager
 from prefect import flow
 
 from pipeline_lib.artifacts import ArtifactRef
-from pipeline_lib.config import CollectConfig, ConfigError, EvaluateConfig
+from pipeline_lib.errors import ConfigError
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.scale import ScaleConfig, shard_seed
+from pipeline_lib.stages.collect import CollectConfig
+from pipeline_lib.stages.evaluate import EvaluateConfig
 from tasks.common import RoundContext
 from tasks import shards as st
 

@@ -246,19 +246,3 @@ def wpo_pair_weight(log_w_chosen_seq: Tensor, log_w_rejected_seq: Tensor, *, cla
     """
     w = torch.exp(log_w_chosen_seq.detach() + log_w_rejected_seq.detach())
     return w.clamp(max=1.0) if clamp else w
-
-
-
-
-# The method table (specs, compatibility rules, MethodConfig) moved to ``methods.py``; imports of its names from
-# here keep working (read lazily: ``methods`` imports this module).
-_MOVED = ("LossSpec", "LOSSES", "PairSpec", "PAIRINGS", "WEIGHTINGS", "REFERENCES", "PAIRS", "OPTIMIZERS",
-          "validate_method", "validate_round", "WpoOptions", "SailOptions", "MethodConfig")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from pipeline_lib import methods
-
-        return getattr(methods, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,9 +15,8 @@ from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
 from pipeline_lib.artifacts import ArtifactError, ArtifactRef, read_manifest, sha256_json
-from pipeline_lib.config import ConfigError
-from pipeline_lib.errors import storage_error
-from pipeline_lib.models import ModelError, ResolvedModel
+from pipeline_lib.errors import ConfigError, ModelError, storage_error
+from pipeline_lib.models import ResolvedModel
 from pipeline_lib.stage import code_version
 from tasks.hooks import hook_options, meter_for_current_task
 

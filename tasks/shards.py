@@ -17,10 +17,11 @@ from typing import Any, Mapping
 from prefect import task
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest
-from pipeline_lib.config import CollectConfig, EvaluateConfig
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.scale import merge_generations, merge_judgments, merge_responses, split_table
 from pipeline_lib.stages import annotate, collect, evaluate
+from pipeline_lib.stages.collect import CollectConfig
+from pipeline_lib.stages.evaluate import EvaluateConfig
 from tasks.common import RoundContext, _elapsed_in_task, as_ref, gpu_slot, task_options
 
 

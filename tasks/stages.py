@@ -9,14 +9,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib.artifacts import ArtifactRef
-from pipeline_lib.config import CollectConfig, EvaluateConfig, PairsConfig, TrainConfig
 from pipeline_lib.methods import MethodConfig
 from pipeline_lib.models import ResolvedModel, resolve
-from pipeline_lib.prompts.sources import PromptSetOptions
 from pipeline_lib.report.progress import Progress
 from pipeline_lib.stages import (annotate, collect, dataset_pairs, evaluate, hybrid_candidates, hybrid_pair,
                                  hybrid_prompts, pair, prompts, train)
+from pipeline_lib.stages.collect import CollectConfig
+from pipeline_lib.stages.evaluate import EvaluateConfig
 from pipeline_lib.stages.hybrid_pair import HybridOptions
+from pipeline_lib.stages.pair import PairsConfig
+from pipeline_lib.stages.prompts import PromptSetOptions
+from pipeline_lib.stages.train import TrainConfig
 from tasks.common import RoundContext, gpu_slot, task_options
 
 

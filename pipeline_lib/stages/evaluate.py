@@ -14,16 +14,36 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from pydantic import Field
+
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, ref_from_dir, write_table
-from pipeline_lib.config import EvaluateConfig
+from pipeline_lib.evaluation.ifeval import IFEvalOptions
 from pipeline_lib.generation.sampling import SamplingSpec, render_chat, sample
 from pipeline_lib.judges.base import build_judge
 from pipeline_lib.judges.batching import items_from_rows, judge_in_chunks
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.report.progress import Progress
+from pipeline_lib.sections import Section
 from pipeline_lib.stage import done, output_dir
 
 METRICS = ["pass_rate_strict", "instruction_pass_rate", "mean_score", "mean_tokens", "mean_chars"]
+
+
+class RoundIFEval(IFEvalOptions):
+    """IFEval in a round: champion and candidate on the same IFEval prompts, compared pair by pair."""
+
+    enabled: bool = Field(False, description="evaluate champion and candidate on IFEval too (541 prompts: ~10 min "
+                                             "per model for a 135M model on 2 CPU cores)")
+
+
+class EvaluateConfig(Section):
+    enabled: bool = Field(True, description="evaluate champion and candidate (off: no promotion either)")
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    ifeval: RoundIFEval = RoundIFEval()
+    n_resamples: int = Field(2000, ge=2000, description="paired bootstrap resamples of the prompts for the "
+                                                        "confidence interval of after - before")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the paired confidence intervals")
 
 
 def follows_strict(df) -> list[list[bool]]:

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, write_table
 from pipeline_lib.stage import done, output_dir
 from pipeline_lib.stages.hybrid_candidates import RESPONSE_SOURCES
+from pipeline_lib.stages.pair import PROMPT_COLUMNS as PAIR_PROMPT_COLUMNS, SIDE_COLUMNS
 
 
 class HybridOptions(BaseModel):
@@ -78,9 +79,6 @@ def hybrid_pairs(judged: pd.DataFrame, rejected: str = "lowest", seed: int = 0,
     tied with the chosen one is never rejected. A prompt with no candidate more than ``min_margin`` below its best
     gives no pair (counted in ``n_prompts_tied``). Counts report, per side, how many responses came from each source
     and the share of on-policy ones."""
-    # imported here, not at module level: config.py imports this module (HybridOptions) and pairs.py imports config
-    from pipeline_lib.stages.pair import PROMPT_COLUMNS as PAIR_PROMPT_COLUMNS, SIDE_COLUMNS
-
     rule = REJECTED[rejected]
     rows, n_tied = [], 0
     for pid, g in judged.groupby("prompt_id", sort=False):

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, verify, write_table
-from pipeline_lib.config import TrainConfig
-from pipeline_lib.losses import MethodConfig
+from pipeline_lib.stages.train import TrainConfig
+from pipeline_lib.methods import MethodConfig
 from pipeline_lib.stages.train.worker import MARKER, TrainWorkerError
 from pipeline_lib.stages.train import run as train
 
@@ -212,8 +212,8 @@ def test_deepspeed_config_is_checked_before_any_process_starts(tiny_model, tmp_p
 _STAGE = """
 import sys, json
 from pipeline_lib.artifacts import ArtifactRef
-from pipeline_lib.config import TrainConfig
-from pipeline_lib.losses import MethodConfig
+from pipeline_lib.stages.train import TrainConfig
+from pipeline_lib.methods import MethodConfig
 from pipeline_lib.models import resolve
 from pipeline_lib.stages.train import run as train
 pairs, cfg = ArtifactRef.model_validate_json(sys.argv[1]), TrainConfig.model_validate_json(sys.argv[2])

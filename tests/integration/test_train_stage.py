@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pipeline_lib.artifacts import verify, write_table
-from pipeline_lib.config import TrainConfig
-from pipeline_lib.losses import MethodConfig
+from pipeline_lib.stages.train import TrainConfig
+from pipeline_lib.methods import MethodConfig
 from pipeline_lib.stages.train import run as train
 
 

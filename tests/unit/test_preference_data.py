@@ -142,7 +142,7 @@ def test_hub_source_equals_local_file(tmp_path, tok):
 def test_pairs_feed_the_trainer_dataset(tmp_path, tok):
     """The table is what the train stage consumes: TRL's prompt/chosen/rejected from prompt_text/chosen/rejected;
     for SAIL the off-policy pairs are flagged not on-policy."""
-    from pipeline_lib.losses import MethodConfig
+    from pipeline_lib.methods import MethodConfig
 
     pairs, _ = load_preference_pairs(FilePairs(source="jsonl", path=write_jsonl(tmp_path / "d.jsonl", PLAIN)), tok)
     ds = pairs_dataset(pairs, MethodConfig(loss="sail"))

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from flows.round import decide_promotion
-from pipeline_lib.config import PromotionConfig
+from pipeline_lib.promotion import PromotionConfig
 
 NAN = float("nan")
 

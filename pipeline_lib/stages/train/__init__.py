@@ -6,8 +6,7 @@ after a crash continues from the last one; the final model is written atomically
 
 One training core, ``fit`` (``fit.py``), runs either in this process (``train.num_processes: 1``) or in each of the
 data-parallel processes that ``worker.launch`` starts with torchrun (``num_processes > 1`` or ``train.deepspeed``);
-there, rank 0 writes the artifact and this process reads it back. This module stays light (no torch at import): the
-worker's processes import it before they arm their death signal.
+there, rank 0 writes the artifact and this process reads it back.
 """
 
 from __future__ import annotations
@@ -15,16 +14,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, ref_from_dir, sha256_file, write_model
-from pipeline_lib.config import TrainConfig
+from pipeline_lib.methods import MethodConfig
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.stage import done, output_dir
+from pipeline_lib.stages.train.config import TrainConfig
+from pipeline_lib.stages.train.fit import TrainingDivergedError, fit, work_dir_of, world_size  # noqa: F401
 from pipeline_lib.stages.train.worker import launch
-
-if TYPE_CHECKING:
-    from pipeline_lib.methods import MethodConfig
 
 
 def run(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: MethodConfig,
@@ -35,8 +33,6 @@ def run(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: Met
     With ``cfg.ensemble = N > 1`` (BPO), N LoRA members are trained and averaged (see ``_train_ensemble``). With
     ``cfg.num_processes > 1`` or ``cfg.deepspeed``, ``fit`` runs in a torchrun process group (``worker.py``), whose
     rank 0's log rows reach ``on_log``; ``callbacks`` then cannot be used."""
-    from pipeline_lib.stages.train.fit import _work_dir, fit, world_size  # torch and TRL load with the first run
-
     reference = reference or policy
     config = {**cfg.model_dump(), "method": method.model_dump()}
     inputs = {"policy": policy.sha256, "pairs": pairs.sha256, "reference": reference.sha256}
@@ -61,7 +57,7 @@ def run(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: Met
             # exclude_unset: MethodConfig rejects option sections set explicitly for a loss that ignores them
             "method": method.model_dump(exclude_unset=True),
             "out": str(out), "inputs": inputs, "config": config, "quiet": quiet}
-    launch(spec, cfg.num_processes, _work_dir(out), on_log, quiet, nnodes=cfg.nnodes,
+    launch(spec, cfg.num_processes, work_dir_of(out), on_log, quiet, nnodes=cfg.nnodes,
            rdzv_endpoint=cfg.rdzv_endpoint, work_dir=work_dir)
     return ref_from_dir(out)  # written by rank 0
 

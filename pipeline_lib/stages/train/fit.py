@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline_lib.artifacts import ArtifactRef, read_table, write_model
-from pipeline_lib.config import TrainConfig
 from pipeline_lib.methods import LOSSES, MethodConfig
 from pipeline_lib.models import ResolvedModel
+from pipeline_lib.stages.train.config import TrainConfig
 
 
 def pairs_dataset(pairs_df, method: MethodConfig):
@@ -101,7 +101,7 @@ def _total_steps(cfg: TrainConfig, n_pairs: int) -> int:
     return max(1, math.ceil(batches / cfg.grad_accum * cfg.epochs))
 
 
-def _work_dir(out: Path) -> Path:
+def work_dir_of(out: Path) -> Path:
     return out.parent / f"{out.name}.work"  # stable across re-runs: holds resumable checkpoints
 
 
@@ -110,7 +110,7 @@ def fit(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: Met
         on_log: Callable[[dict], None] | None = None, quiet: bool = False) -> ArtifactRef | None:
     """The training core: one TRL run writing the model artifact ``out``. In a torchrun process group every rank
     calls it; rank 0 writes the artifact and relays its log rows to ``on_log``, the others return None."""
-    work = _work_dir(out)
+    work = work_dir_of(out)
     work.mkdir(parents=True, exist_ok=True)
 
     import torch

@@ -186,9 +186,9 @@ def main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         from pipeline_lib.artifacts import ArtifactRef
-        from pipeline_lib.config import TrainConfig
         from pipeline_lib.methods import MethodConfig
         from pipeline_lib.models import ResolvedModel
+        from pipeline_lib.stages.train.config import TrainConfig
         from pipeline_lib.stages.train.fit import fit
 
         fit(ResolvedModel(**spec["policy"]), ArtifactRef(**spec["pairs"]), TrainConfig(**spec["train"]),
