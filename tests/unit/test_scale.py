@@ -173,7 +173,7 @@ def test_scale_config_validation():
 def test_one_shard_is_the_round_as_before():
     """scale.shards = 1: the stage tasks are called with the round's own arguments (so the same task cache keys and
     artifacts), nothing is split, and the round's MLflow key is the one computed before the scale section existed."""
-    from flows.round import round_key_config
+    from flows.round_record import round_key_config
     from flows.sharded import ShardedStages
     from pipeline_lib.artifacts import sha256_json
     from tasks.common import RoundContext
