@@ -39,7 +39,7 @@ def tracking_uri(args) -> str:
 def run(args) -> int:
     import sys
 
-    from pipeline_lib.cli import UserError
+    from pipeline_lib.errors import UserError
     from pipeline_lib.report.collect import ReportError, collect_report
     from pipeline_lib.report.html import render
 
