@@ -45,7 +45,7 @@ def _noop_stage(n: int, runner: str, address: str, work_dir: str) -> float:
     """One sharded stage of n no-op shards. runner: sequential (direct calls); ray-new-driver (the subflow's
     RayTaskRunner connects and disconnects, as prefect-ray does by default); ray (what the round does: the
     process's driver connects once and the subflow reuses it)."""
-    from flows.round import _with_storage
+    from tasks.results import with_result_store
     from flows.sharded import ENGINES, shards_flow
     from pipeline_lib.scale import ScaleConfig
 
@@ -54,7 +54,7 @@ def _noop_stage(n: int, runner: str, address: str, work_dir: str) -> float:
     calls = [dict(ctx=ctx, shard=f"{i}/{n}", nonce=f"{nonce}-{i}") for i in range(n)]
     t0 = time.perf_counter()
     if runner == "sequential":
-        (noop_t,) = _with_storage(work_dir, noop_shard_task)
+        (noop_t,) = with_result_store(work_dir, noop_shard_task)
         out = [noop_t(**kw) for kw in calls]
     else:
         scale = ScaleConfig(shards=n, task_runner="ray", address=address)
@@ -75,7 +75,8 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def _collect(runner: str, address: str, n_prompts: int, k: int, max_tokens: int) -> dict:
-    from flows.round import _flow_run_id, _with_storage
+    from tasks.common import flow_run_id
+    from tasks.results import with_result_store
     from flows.sharded import ShardedStages
     from pipeline_lib.artifacts import read_manifest
     from pipeline_lib.config import load_config
@@ -95,8 +96,8 @@ def _collect(runner: str, address: str, n_prompts: int, k: int, max_tokens: int)
             lineage = RoundLineage(cfg.run.mlflow_tracking_uri, cfg.run.experiment)
             parent = lineage.start_round("bench", "bench", {}, tags={})
             ctx = RoundContext(work_dir=tmp, tracking_uri=cfg.run.mlflow_tracking_uri, experiment=cfg.run.experiment,
-                               parent_run_id=parent, flow_run_id=_flow_run_id(), quiet=True)
-            prompts_t, collect_t, annotate_t, evaluate_t = _with_storage(tmp, prompts_task, collect_task,
+                               parent_run_id=parent, flow_run_id=flow_run_id(), quiet=True)
+            prompts_t, collect_t, annotate_t, evaluate_t = with_result_store(tmp, prompts_task, collect_task,
                                                                          annotate_task, evaluate_task)
             prompts = prompts_t(cfg.prompts, "train", n_prompts, ctx)
             t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """Where the train stage's step time goes: forward (body), LM head, backward (body / head), optimizer, gradient
 clipping, data collation, and the rest (the Trainer's Python between them), per steady optimizer step.
 
-The stage is built as ``pipeline_lib.training.fit`` builds it (AlignTrainer, the stage's DPOConfig, the exact fused
-head) on ``bench.training``'s synthetic pairs, and timed by wrapping the pieces in place: the collator, the
+The stage is built as ``pipeline_lib.stages.train.fit.fit`` builds it (AlignTrainer, the stage's DPOConfig, the
+exact fused head) on ``bench.training``'s synthetic pairs, and timed by wrapping the pieces in place: the collator, the
 backbone's forward, ``ExactChunkedLogProbs.forward``/``backward``, ``accelerator.backward``, the gradient clip and
 the optimizer step. Body backward = backward − head backward; other = step − everything measured. Wrapping changes
 no arithmetic (the wrapped calls run as they would). ``--ops`` adds torch.profiler's top operators over two steps.
@@ -66,7 +66,7 @@ def profile(model_ref: str, pairs: int, steps: int, batch: int, max_length: int,
     from pipeline_lib.methods import MethodConfig
     from pipeline_lib.models import resolve
     from pipeline_lib.trainer import AlignTrainer
-    from pipeline_lib.training import dpo_args, pairs_dataset
+    from pipeline_lib.stages.train.fit import dpo_args, pairs_dataset
 
     m = resolve(model_ref)
     df: pd.DataFrame = synthetic_pairs(m.path, pairs)

@@ -129,9 +129,9 @@ def run_one(side: str, model_ref: str, pairs_path: str, steps: int, batch: int, 
         ref_tokens = n_tokens_epoch if STOCK_SIDES[side].get("precompute_ref_log_probs") else n_tokens_epoch * epochs
     else:
         from pipeline_lib.artifacts import write_table
-        from pipeline_lib.config import TrainConfig
-        from pipeline_lib.losses import MethodConfig
-        from pipeline_lib.training import train
+        from pipeline_lib.stages.train import TrainConfig
+        from pipeline_lib.methods import MethodConfig
+        from pipeline_lib.stages.train import run as train
 
         with tempfile.TemporaryDirectory() as work:
             pairs = write_table(df, Path(work) / "pairs", name="pairs", producer="bench")

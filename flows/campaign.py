@@ -20,11 +20,13 @@ from pydantic import Field
 
 from prefect import flow, get_run_logger
 
+from flows.round import alignment_round, evaluate_both
+from flows.round_record import paired_metrics, report_metrics
 from pipeline_lib.artifacts import sha256_json
-from pipeline_lib.config import RoundConfig, Section
+from pipeline_lib.config import RoundConfig
 from pipeline_lib.lineage import CAMPAIGN_FINAL_TAG
 from pipeline_lib.models import ResolvedModel
-from flows.round import IFEVAL_METRICS, REPORT_METRICS, alignment_round, evaluate_both, paired_metrics
+from pipeline_lib.sections import Section
 
 
 class CampaignConfig(Section):
@@ -72,18 +74,16 @@ def alignment_campaign(config: CampaignConfig) -> dict:
 def _final_comparison(config: CampaignConfig, summaries: list[dict], rounds_wall_s: float) -> dict:
     """The campaign's starting policy against its last checkpoint, on the same prompts, in an MLflow run of its
     own."""
-    from flows.round import _flow_run_id, _with_storage
     from flows.sharded import ShardedStages
     from pipeline_lib.lineage import RoundLineage
-    from tasks.common import RoundContext
-    from tasks.evaluate import benchmark_data_task, ifeval_task
-    from tasks.stages import evaluate_task, prompts_task, resolve_model_task
+    from tasks.bound import StageTasks
+    from tasks.common import RoundContext, flow_run_id
+    from tasks.stages import resolve_model_task
 
     logger = get_run_logger()
     rc = config.round
     work_dir = str(Path(rc.run.work_dir).resolve())
-    prompts_t, evaluate_t, data_t, ifeval_t = _with_storage(work_dir, prompts_task, evaluate_task,
-                                                            benchmark_data_task, ifeval_task)
+    t = StageTasks.in_work_dir(work_dir)
     lineage = RoundLineage(rc.run.mlflow_tracking_uri, rc.run.experiment)
     start: ResolvedModel = resolve_model_task(rc.policy)
     last = summaries[-1]
@@ -93,16 +93,13 @@ def _final_comparison(config: CampaignConfig, summaries: list[dict], rounds_wall
                        "evaluate": rc.evaluate.model_dump(), "prompts": rc.prompts.model_dump()})[:20]
     parent = lineage.start_round(key, f"{config.name} final", {"evaluate": rc.evaluate.model_dump(),
                                                                "rounds": config.rounds},
-                                 tags={CAMPAIGN_FINAL_TAG: config.name, "prefect.flow_run_id": _flow_run_id(),
+                                 tags={CAMPAIGN_FINAL_TAG: config.name, "prefect.flow_run_id": flow_run_id(),
                                        "alignflow.start_sha256": start.sha256, "alignflow.final_sha256": final.sha256})
-    ctx = RoundContext(work_dir=work_dir, tracking_uri=rc.run.mlflow_tracking_uri, experiment=rc.run.experiment,
-                       parent_run_id=parent, flow_run_id=_flow_run_id(), quiet=rc.run.quiet,
-                       gpu_limit=rc.run.gpu_concurrency_limit)
-    heldout = prompts_t(rc.prompts, "heldout", rc.prompts.n_heldout, ctx)
-    sharded = ShardedStages(rc.scale, ctx, None, None, evaluate_t)  # only its evaluate is used
-    before, after, paired = evaluate_both(rc, start, final, heldout, sharded, data_t, ifeval_t,
-                                          roles=("start", "final"))
-    metrics = REPORT_METRICS + ([f"ifeval.{k}" for k in IFEVAL_METRICS] if rc.evaluate.ifeval.enabled else [])
+    ctx = RoundContext.of_run(rc.run, work_dir, parent)
+    heldout = t.prompts(rc.prompts, "heldout", rc.prompts.n_heldout, ctx)
+    sharded = ShardedStages(rc.scale, ctx, None, None, t.evaluate)  # only its evaluate is used
+    before, after, paired = evaluate_both(rc, start, final, heldout, sharded, t, roles=("start", "final"))
+    metrics = report_metrics(rc)
     out = {"mlflow_run_id": parent, "start": start.ref, "final": final.ref, "rounds_wall_s": rounds_wall_s,
            "before": {k: before[k] for k in metrics}, "after": {k: after[k] for k in metrics}, "paired": paired}
     lineage.finish_round(parent, {**{f"start.{k}": v for k, v in out["before"].items()},

@@ -22,8 +22,9 @@ from pipeline_lib.evaluation import bench_config as bc
 from pipeline_lib.evaluation import benchmarks as bm
 from pipeline_lib.judges.base import build_judge
 from pipeline_lib.lineage import RoundLineage
-from tasks.common import RoundContext
-from tasks.evaluate import alpaca_annotate_task, benchmark_data_task, generate_task, ifeval_task, mt_bench_judge_task
+from tasks.bound import StageTasks
+from tasks.common import RoundContext, flow_run_id
+from tasks.stages import resolve_model_task
 
 ALPACA_KEYS = ["win_rate", "standard_error", "length_controlled_winrate", "lc_standard_error", "discrete_win_rate",
                "n_wins", "n_wins_base", "n_draws", "n_total", "avg_length", "n_no_verdict"]
@@ -50,9 +51,7 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
                    config: bc.EvaluateModelConfig = bc.EvaluateModelConfig()) -> dict:
     """AlpacaEval 2, MT-Bench and/or IFEval for one model reference (``tiny:0``, ``models:/name@alias``, a directory, a hub
     id). ``benchmarks`` / ``judge`` default to the config's. Returns the metrics per benchmark and artifact paths."""
-    from flows.round import _flow_run_id, _with_storage
     from pipeline_lib.evaluation.data import use_eval_data_dir
-    from tasks.stages import resolve_model_task
 
     logger = get_run_logger()
     t0 = time.perf_counter()
@@ -64,8 +63,7 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
     # bad options fail before any model
     judge_cfgs = {b: bc.judge_options(judge, b, prompts) for b in benchmarks if b in bc.JUDGED}
     work_dir = str(Path(config.run.work_dir).resolve())
-    data_t, gen_t, ann_t, mt_t, ife_t = _with_storage(work_dir, benchmark_data_task, generate_task,
-                                                      alpaca_annotate_task, mt_bench_judge_task, ifeval_task)
+    t = StageTasks.in_work_dir(work_dir)
     lineage = RoundLineage(config.run.mlflow_tracking_uri, config.run.experiment)
     model = resolve_model_task(model_ref)
     judge_id = {b: build_judge(c).identity() for b, c in judge_cfgs.items()}
@@ -73,26 +71,24 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
                        "config": config.model_dump(exclude={"run", "judge", "tensor_parallel_size"})})[:20]
     parent = lineage.start_round(key, f"evaluate {model.ref}", {**config.model_dump(exclude={"judge"}),
                                                                "judge": judge_id, "benchmarks": benchmarks},
-                                 tags={"prefect.flow_run_id": _flow_run_id(), "alignflow.model": model.ref,
+                                 tags={"prefect.flow_run_id": flow_run_id(), "alignflow.model": model.ref,
                                        "alignflow.model_sha256": model.sha256, "alignflow.kind": "evaluate"})
-    ctx = RoundContext(work_dir=work_dir, tracking_uri=config.run.mlflow_tracking_uri,
-                       experiment=config.run.experiment, parent_run_id=parent, flow_run_id=_flow_run_id(),
-                       quiet=config.run.quiet, gpu_limit=config.run.gpu_concurrency_limit)
+    ctx = RoundContext.of_run(config.run, work_dir, parent)
 
     # each task gets only the settings it reads, so its cache key does not change with the others'
     a_cfg = config.alpaca_eval if "alpaca_eval" in benchmarks else None
     m_cfg = config.mt_bench if "mt_bench" in benchmarks else None
     i_cfg = config.ifeval if "ifeval" in benchmarks else None
-    data = data_t(a_cfg, m_cfg, _data_fingerprint(config, benchmarks), ctx, i_cfg)
+    data = t.benchmark_data(a_cfg, m_cfg, _data_fingerprint(config, benchmarks), ctx, i_cfg)
     outputs = {}
     if a_cfg is not None or m_cfg is not None:
-        outputs = gen_t(model, {b: r for b, r in data.items() if b in bc.JUDGED}, config.alpaca_eval,
+        outputs = t.benchmark_generate(model, {b: r for b, r in data.items() if b in bc.JUDGED}, config.alpaca_eval,
                         config.mt_bench, ctx, config.tensor_parallel_size)
     summary: dict[str, Any] = {"model": model.ref, "model_sha256": model.sha256, "mlflow_run_id": parent,
                                "benchmarks": {}}
     parent_metrics: dict[str, float] = {}
     if "alpaca_eval" in benchmarks:
-        ann = ann_t(outputs["alpaca_eval"], data["alpaca_eval"], judge, config.alpaca_eval, ctx)
+        ann = t.alpaca_annotate(outputs["alpaca_eval"], data["alpaca_eval"], judge, config.alpaca_eval, ctx)
         m = read_manifest(ann.path)["metrics"]
         summary["benchmarks"]["alpaca_eval"] = {"metrics": m, "outputs": outputs["alpaca_eval"].path,
                                                 "annotations": ann.path}
@@ -100,7 +96,7 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
         create_table_artifact(key="alpaca-eval-summary", table=bm.summary_rows({"metrics": m}, ALPACA_KEYS),
                               description=f"AlpacaEval 2 of {model.ref} ({m['n_total']} instructions)")
     if "mt_bench" in benchmarks:
-        rat = mt_t(outputs["mt_bench"], data["mt_bench"], judge, config.mt_bench, ctx)
+        rat = t.mt_bench_judge(outputs["mt_bench"], data["mt_bench"], judge, config.mt_bench, ctx)
         man = read_manifest(rat.path)
         m = man["metrics"]
         summary["benchmarks"]["mt_bench"] = {"metrics": m, "answers": outputs["mt_bench"].path, "ratings": rat.path,
@@ -112,7 +108,7 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
         create_markdown_artifact(key="mt-bench-chart", markdown=f"![MT-Bench per category](data:image/png;base64,"
                                                                  f"{png})", description="MT-Bench per category")
     if "ifeval" in benchmarks:
-        ev = ife_t(model, data["ifeval"], config.ifeval, ctx, tensor_parallel_size=config.tensor_parallel_size)
+        ev = t.ifeval(model, data["ifeval"], config.ifeval, ctx, tensor_parallel_size=config.tensor_parallel_size)
         man = read_manifest(ev.path)
         m = man["metrics"]
         summary["benchmarks"]["ifeval"] = {"metrics": m, "by_instruction": man["by_instruction"],

@@ -36,11 +36,14 @@ from typing import Any, Callable, ContextManager
 from prefect import flow
 
 from pipeline_lib.artifacts import ArtifactRef
-from pipeline_lib.config import CollectConfig, ConfigError, EvaluateConfig
+from pipeline_lib.errors import ConfigError
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.scale import ScaleConfig, shard_seed
-from tasks.common import RoundContext
+from pipeline_lib.stages.collect import CollectConfig
+from pipeline_lib.stages.evaluate import EvaluateConfig
 from tasks import shards as st
+from tasks.common import RoundContext
+from tasks.results import with_result_store
 
 
 # -- engines ----------------------------------------------------------------------------------------------------------
@@ -119,9 +122,7 @@ ENGINES: dict[str, Engine] = {"ray": Engine(_ray_runner, _ray_resources, _ray_co
 @flow(name="shards", validate_parameters=False, log_prints=False)
 def shards_flow(stage: str, calls: list[dict[str, Any]], scale: ScaleConfig) -> list[ArtifactRef]:
     """Submit one shard task per call to this flow's task runner, wait for all, return their artifacts in order."""
-    from flows.round import _with_storage
-
-    (shard_t,) = _with_storage(calls[0]["ctx"].work_dir, st.SHARD_TASKS[stage])
+    (shard_t,) = with_result_store(calls[0]["ctx"].work_dir, st.SHARD_TASKS[stage])
     with ENGINES[scale.task_runner].resources(scale):
         futures = [shard_t.submit(**kw) for kw in calls]
     for f in futures:  # every shard finishes (and is cached) before a failure is raised
@@ -144,11 +145,9 @@ class ShardedStages:
     @functools.cached_property
     def _t(self) -> dict[str, Any]:
         """The split and merge tasks with this work dir's result storage (made when a stage is first sharded)."""
-        from flows.round import _with_storage
-
         names = ("split", "merge_generations", "merge_judgments", "merge_responses", "evaluate_responses")
         tasks = [getattr(st, f"{n}_task") for n in names]
-        return dict(zip(names, _with_storage(self.ctx.work_dir, *tasks)))
+        return dict(zip(names, with_result_store(self.ctx.work_dir, *tasks)))
 
     def _phase(self) -> st.ShardContext:
         # on a cluster the shards do not hold the flow host's GPU slot (the cluster schedules its own GPUs)
@@ -157,9 +156,7 @@ class ShardedStages:
 
     def _run(self, stage: str, calls: list[dict[str, Any]]) -> list[ArtifactRef]:
         if self.scale.task_runner == "sequential":
-            from flows.round import _with_storage
-
-            (shard_t,) = _with_storage(self.ctx.work_dir, st.SHARD_TASKS[stage])
+            (shard_t,) = with_result_store(self.ctx.work_dir, st.SHARD_TASKS[stage])
             return [shard_t(**kw) for kw in calls]
         engine = ENGINES[self.scale.task_runner]
         engine.connect(self.scale)

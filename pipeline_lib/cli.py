@@ -1,29 +1,23 @@
 """The ``alignflow`` command line.
 
-Each subcommand lives in its own module exposing ``register(subparsers)``, which adds a parser whose ``func``
-default takes the parsed args and returns an exit code. Errors a user can fix (bad config, missing model,
-malformed data) print one line plus a hint and exit 2; ``--debug`` shows the traceback.
+Each subcommand lives in its own module of ``pipeline_lib/commands/`` exposing ``register(subparsers)``, which adds a
+parser whose ``func`` default takes the parsed args and returns an exit code. The commands are the outermost layer:
+the only part of ``pipeline_lib`` that imports ``flows`` (inside the command's function, so that ``--help`` loads
+neither Prefect nor torch). Errors a user can fix (bad config, missing model, malformed data) print one line plus a
+hint and exit 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
-# Modules that register subcommands, in help order: align, evaluate, inspect.
-SUBCOMMANDS = [
-    "pipeline_lib.commands.run",
-    "pipeline_lib.commands.campaign",
-    "pipeline_lib.commands.serve",
-    "pipeline_lib.commands.evaluate",
-    "pipeline_lib.judges.rules.cli",
-    "pipeline_lib.evaluation.cli",
-    "pipeline_lib.commands.lineage",
-    "pipeline_lib.commands.report",
-    "pipeline_lib.commands.ui",
-]
+from pipeline_lib.commands import benchmark_scores, campaign, evaluate, ifeval, lineage, report, run, serve, ui
+from pipeline_lib.errors import UserError
+
+# The subcommands' modules, in help order: align, evaluate, inspect.
+SUBCOMMANDS = [run, campaign, serve, evaluate, ifeval, benchmark_scores, lineage, report, ui]
 
 EPILOG = """\
 commands by task:
@@ -46,9 +40,6 @@ EXAMPLES = [
 EPILOG = EPILOG.format(examples="\n".join(f"  {cmd:<60} {what}" for cmd, what in EXAMPLES))
 
 
-from pipeline_lib.errors import UserError  # noqa: E402,F401  (re-exported: subcommands raise cli.UserError)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignflow",
@@ -57,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in SUBCOMMANDS:
-        importlib.import_module(mod).register(sub)
+    for command in SUBCOMMANDS:
+        command.register(sub)
     return parser
 
 

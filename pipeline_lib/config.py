@@ -1,7 +1,10 @@
 """Typed configuration of a round: YAML file + ``key=value`` overrides, validated up front.
 
-Every section forbids unknown keys, so a typo fails at load time with the key's dotted name, before any model is
-loaded. The same pydantic models are the parameter schema of the Prefect flows (the UI's typed form).
+Each stage owns its section (``pipeline_lib/stages/<stage>.py``: ``collect``, ``pairs``, ``train``, ``evaluate``,
+the prompt and preference-data sources); this module assembles them into ``RoundConfig``, checks what spans sections
+(the method table: ``methods.py``), and loads YAML with overrides. Every section forbids unknown keys, so a typo
+fails at load time with the key's dotted name, before any model is loaded. The same pydantic models are the
+parameter schema of the Prefect flows (the UI's typed form).
 """
 
 from __future__ import annotations
@@ -10,63 +13,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from pipeline_lib.evaluation.ifeval import IFEvalOptions
-from pipeline_lib.hybrid import HybridOptions
-from pipeline_lib.methods import PAIRINGS, PAIRS, MethodConfig, SailOptions, WpoOptions, validate_round
-from pipeline_lib.preference_data import PreferenceSource
+from pipeline_lib.errors import ConfigError  # noqa: F401  (raised by load_config; imported from here by callers)
+from pipeline_lib.methods import MethodConfig, SailOptions, WpoOptions, validate_round
+from pipeline_lib.promotion import PromotionConfig
 from pipeline_lib.prompts.sources import BuiltinPrompts, PromptSource
 from pipeline_lib.scale import ScaleConfig
-
-
-class ConfigError(ValueError):
-    """A bad config key or value. The message names the key."""
-
-
-class Section(BaseModel):
-    # allow_inf_nan=False: `gt=0` lets infinity through, and train.learning_rate=.inf trained a NaN model that was
-    # then registered (issue 22). Floats in nested option models and in free-form sections (judge) are checked by
-    # _finite below.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _finite(cls, v: Any) -> Any:
-        bad = _non_finite(v)
-        if bad is not None:  # format_validation_error appends the path to the field's location
-            raise PydanticCustomError("non_finite", "{path} must be a finite number", {"path": bad})
-        return v
-
-
-def _non_finite(v: Any, path: str = "") -> str | None:
-    """The dotted path (relative to ``v``) of the first non-finite float inside ``v``, else None. Nested sections
-    check themselves."""
-    import math
-
-    if isinstance(v, float):
-        return path if not math.isfinite(v) else None
-    if isinstance(v, Section):
-        return None
-    if isinstance(v, BaseModel):
-        v = {k: getattr(v, k) for k in type(v).model_fields}
-    if isinstance(v, dict):
-        items = v.items()
-    elif isinstance(v, (list, tuple)):
-        items = ((str(i), x) for i, x in enumerate(v))
-    else:
-        return None
-    for k, x in items:
-        bad = _non_finite(x, f"{path}.{k}" if path else str(k))
-        if bad is not None:
-            return bad
-    return None
-
-
-# `prompts:` is one of the prompt sources (pipeline_lib.prompts.sources: builtin, hub, jsonl, csv, parquet), keyed
-# by `source`; without `source` it is the builtin generator (PromptSetOptions: their common fields).
-PromptsConfig = BuiltinPrompts  # the name callers used for the builtin source's options
+from pipeline_lib.sections import RunConfig, Section
+from pipeline_lib.stages.collect import CollectConfig
+from pipeline_lib.stages.dataset_pairs import PreferenceSource
+from pipeline_lib.stages.evaluate import EvaluateConfig
+from pipeline_lib.stages.hybrid_pair import HybridOptions
+from pipeline_lib.stages.pair import PairsConfig
+from pipeline_lib.stages.train import TrainConfig
 
 
 class DataConfig(Section):
@@ -83,144 +43,6 @@ class DataConfig(Section):
         if self.mode != "on_policy" and self.preference_data is None:
             raise ValueError(f"data.mode={self.mode} needs data.preference_data (e.g. {{source: jsonl, path: ...}})")
         return self
-
-
-class CollectConfig(Section):
-    k: int = Field(4, ge=2, le=256, description="samples per prompt (at most 256: k=10000 was accepted and sat at "
-                                                "0/160000 samples with a 3 GB worker)")
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(128, ge=1)
-    seed: int = 0
-    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-
-
-class PairsConfig(Section):
-    strategy: Literal["best_worst", "all_pairs", "iid_pairs", "sppo_winprob", "sppo_all", "unlabelled"] = "best_worst"
-    min_margin: float = Field(0.0, ge=0.0, description="drop pairs whose score gap is not above this (ties always)")
-    winprob: Literal["authors", "pairwise"] = Field(
-        "authors", description="SPPO's P(a > b) from a pairwise judge: authors = LLM-Blender's scores over all K "
-                               "samples (uclaml/SPPO); pairwise = the judge's probability of each pair alone")
-    unfinished: Literal["keep", "last", "drop"] = Field(
-        "keep", description="samples cut at collect.max_tokens (they never ended): keep = ranked by score like the "
-                            "rest; last = ranked below every finished sample of the prompt; drop = not paired")
-
-    @model_validator(mode="after")
-    def _winprob_applies(self) -> "PairsConfig":
-        if self.winprob != "authors" and not PAIRINGS[self.strategy].columns:
-            users = ", ".join(name for name, spec in PAIRINGS.items() if spec.columns)
-            raise ValueError(f"pairs.winprob={self.winprob} applies to win-probability pairings ({users}), not "
-                             f"pairs.strategy={self.strategy}")
-        if self.unfinished != "keep" and not PAIRINGS[self.strategy].ranks_by_score:
-            users = ", ".join(name for name in PAIRS if PAIRINGS[name].ranks_by_score)
-            raise ValueError(f"pairs.unfinished={self.unfinished} applies to pairings that rank samples by the "
-                             f"judge's score ({users}), not pairs.strategy={self.strategy}")
-        return self
-
-
-class TrainConfig(Section):
-    # The method switches (ARCHITECTURE: orthogonal options); validated together with pairs.strategy.
-    loss: Literal["dpo", "ipo", "hinge", "sppo", "sppo_single", "sppo_hard", "sail"] = "dpo"
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo only: conservative DPO epsilon")
-    weighting: Literal["none", "wpo"] = "none"
-    wpo: WpoOptions = WpoOptions()
-    reference: Literal["initial", "behavior"] = Field(
-        "initial", description="initial: the campaign's first policy (fixed); behavior (BPO): the policy that "
-                               "collected this round's data")
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"
-    sail: SailOptions = SailOptions()
-    beta: float = Field(0.1, gt=0)
-    learning_rate: float = Field(5e-6, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="-1: use epochs")
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(512, ge=8)
-    bf16: bool = Field(True, description="bf16 autocast (fast on CPUs with AVX512-BF16/AMX, and on GPUs)")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype (bfloat16 halves memory "
-                                                                         "for 7B+ policies on one GPU)")
-    gradient_checkpointing: bool = Field(False, description="trade compute for activation memory (large models)")
-    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning")
-    lora_alpha: int = Field(16, ge=1)
-    ensemble: int = Field(1, ge=1, description="BPO: train N LoRA adapters (seeds seed..seed+N-1) on the same pairs "
-                                               "and average their merged weights into the next policy")
-    seed: int = 0
-    num_processes: int = Field(1, ge=1, description="data-parallel training processes, one per GPU (on CPU: gloo "
-                                                    "processes); >1 launches the trainer with torchrun; the batch "
-                                                    "per step is batch_size x grad_accum x num_processes")
-    deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config (ZeRO-1/2, e.g. "
-                                                    "configs/deepspeed/zero2.json) for the trainer; needs a GPU")
-    nnodes: int = Field(1, ge=1, description="hosts training together, num_processes each (torchrun --nnodes): "
-                                             "the stage's host and nnodes-1 hosts running `python -m "
-                                             "pipeline_lib.train_worker join` (docs/operations.md)")
-    rdzv_endpoint: str = Field("", description="HOST:PORT of the c10d rendezvous (torchrun --rdzv-endpoint) "
-                                               "when nnodes > 1; HOST is reachable from every training host")
-
-    @model_validator(mode="after")
-    def _ensemble_needs_lora(self) -> "TrainConfig":
-        if self.ensemble > 1 and not self.lora_r:
-            raise ValueError(f"train.ensemble={self.ensemble} averages LoRA adapters: set train.lora_r > 0 "
-                             "(e.g. 8)")
-        if (self.nnodes > 1) != bool(self.rdzv_endpoint):
-            raise ValueError(f"train.nnodes={self.nnodes} and train.rdzv_endpoint={self.rdzv_endpoint!r}: several "
-                             "hosts need a rendezvous endpoint (HOST:PORT) and an endpoint needs nnodes > 1")
-        return self
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    save_steps: int = Field(0, ge=0, description="checkpoint every N steps for resume (0: only at the end)")
-
-    def content_fingerprint(self) -> str | None:
-        """For task cache keys: ``deepspeed`` says where the DeepSpeed config is, this says what it is."""
-        from pipeline_lib.prompts.validate import content_fingerprint
-
-        return content_fingerprint(self.deepspeed)
-
-
-class RoundIFEval(IFEvalOptions):
-    """IFEval in a round: champion and candidate on the same IFEval prompts, compared pair by pair."""
-
-    enabled: bool = Field(False, description="evaluate champion and candidate on IFEval too (541 prompts: ~10 min "
-                                             "per model for a 135M model on 2 CPU cores)")
-
-
-class EvaluateConfig(Section):
-    enabled: bool = Field(True, description="evaluate champion and candidate (off: no promotion either)")
-    max_tokens: int = Field(128, ge=1)
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
-    ifeval: RoundIFEval = RoundIFEval()
-    n_resamples: int = Field(2000, ge=2000, description="paired bootstrap resamples of the prompts for the "
-                                                        "confidence interval of after - before")
-    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the paired confidence intervals")
-
-
-PromotionMetric = Literal["pass_rate_strict", "instruction_pass_rate", "mean_score", "ifeval.prompt_level_strict",
-                          "ifeval.instruction_level_strict", "ifeval.prompt_level_loose",
-                          "ifeval.instruction_level_loose"]
-
-
-class PromotionConfig(Section):
-    """When the round's candidate replaces the champion (registry alias ``champion``)."""
-
-    enabled: bool = True
-    metric: PromotionMetric = Field("pass_rate_strict", description="held-out metric, or ifeval.* (needs "
-                                                                     "evaluate.ifeval.enabled)")
-    rule: Literal["margin", "significant"] = Field(
-        "margin", description="margin: candidate > champion + margin; significant: the lower bound of the paired "
-                              "confidence interval of candidate - champion is above the margin")
-    margin: float = Field(0.0, ge=0.0, description="see rule")
-
-
-class RunConfig(Section):
-    work_dir: str = "runs"
-    mlflow_tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "alignflow"
-    registered_model: str = "alignflow-policy"
-    quiet: bool = False
-    gpu_concurrency_limit: str = Field("", description="Prefect global concurrency limit held by GPU stages "
-                                                       "(collect, train, evaluate), e.g. 'gpu'; empty: none")
-    eval_data_dir: str = Field("", description="evaluation data directory (alpaca_eval/, mt_bench/, ifeval/); "
-                                               "empty: ALIGNFLOW_EVAL_DATA, the HF cache, the development copy")
 
 
 class RoundConfig(Section):

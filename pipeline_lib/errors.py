@@ -30,3 +30,11 @@ def describe_storage_error(e: OSError) -> str:
     where = f" writing {e.filename}" if e.filename else ""
     return f"{STORAGE_ERRNOS[e.errno]} ({name}){where}; free space or fix the permissions of run.work_dir, or " \
            "point run.work_dir elsewhere"
+
+
+class ConfigError(ValueError):
+    """A bad config key or value. The message names the key."""
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be resolved or loaded; the message names the reference."""

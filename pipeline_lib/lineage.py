@@ -246,7 +246,7 @@ def registered_model_version(ref: str, tracking_uri: str | None = None) -> tuple
             name, version = body.rsplit("/", 1)
             mv = c.get_model_version(name, version)
     except (MlflowException, ValueError) as e:
-        from pipeline_lib.models import ModelError
+        from pipeline_lib.errors import ModelError
 
         raise ModelError(f"model {ref!r}: not found in the MLflow registry at {c.tracking_uri}: {e}") from None
     tags = mv.tags or {}

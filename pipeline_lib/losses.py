@@ -17,7 +17,7 @@ Departures, stated once:
 - ``sppo`` keeps the uclaml/SPPO code's ½ (the mean of the two squared errors). On the code's pair (the argmax and
   argmin of P̂ among the K samples, ``pairs.strategy: sppo_winprob``) that is not an unbiased estimate of Algorithm
   1's expectation over y ~ π_t: both responses are selected for extreme P̂. ``pairs.strategy: sppo_all`` regresses
-  every sample instead (see ``pipeline_lib/pairs.py``). ``sppo_hard`` is TRL's and has no ½, so
+  every sample instead (see ``pipeline_lib/stages/pair.py``). ``sppo_hard`` is TRL's and has no ½, so
   ``sppo(P̂_w=1, P̂_l=0) = ½·sppo_hard``.
 - ``ipo`` uses length-averaged log-ratios, like TRL (the IPO paper writes sequence log-ratios; TRL's comment
   says the authors confirmed the normalisation).
@@ -246,19 +246,3 @@ def wpo_pair_weight(log_w_chosen_seq: Tensor, log_w_rejected_seq: Tensor, *, cla
     """
     w = torch.exp(log_w_chosen_seq.detach() + log_w_rejected_seq.detach())
     return w.clamp(max=1.0) if clamp else w
-
-
-
-
-# The method table (specs, compatibility rules, MethodConfig) moved to ``methods.py``; imports of its names from
-# here keep working (read lazily: ``methods`` imports this module).
-_MOVED = ("LossSpec", "LOSSES", "PairSpec", "PAIRINGS", "WEIGHTINGS", "REFERENCES", "PAIRS", "OPTIMIZERS",
-          "validate_method", "validate_round", "WpoOptions", "SailOptions", "MethodConfig")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from pipeline_lib import methods
-
-        return getattr(methods, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,10 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline_lib.artifacts import HASH_SIDECAR, tree_hash
-
-
-class ModelError(ValueError):
-    """A model reference that cannot be resolved or loaded; the message names the reference."""
+from pipeline_lib.errors import ModelError  # noqa: F401  (raised here; imported from here by callers)
 
 
 @dataclass(frozen=True)

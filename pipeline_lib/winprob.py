@@ -36,7 +36,7 @@ from pipeline_lib.judges.base import Item
 
 FORMS = ("authors", "pairwise")
 # Columns the annotate stage adds. winprob*: P̂ per sample; winprob_row*: that sample's row of the K×K matrix,
-# P(i ≻ j) for the samples j of its prompt in sample_index order (pairs.py reads P(chosen ≻ rejected) from it).
+# P(i ≻ j) for the samples j of its prompt in sample_index order (the pair stage reads P(chosen ≻ rejected) from it).
 COLUMNS = {"authors": ("winprob", "winprob_row"), "pairwise": ("winprob_pairwise", "winprob_row_pairwise")}
 _EPS = 1e-12  # P clipped to [ε, 1 − ε] before the logit: |logit| ≤ 27.6, where σ in float64 is 1 − 1e-12
 

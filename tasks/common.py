@@ -15,11 +15,18 @@ from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
 from pipeline_lib.artifacts import ArtifactError, ArtifactRef, read_manifest, sha256_json
-from pipeline_lib.config import ConfigError
-from pipeline_lib.errors import storage_error
-from pipeline_lib.models import ModelError, ResolvedModel
+from pipeline_lib.errors import ConfigError, ModelError, storage_error
+from pipeline_lib.models import ResolvedModel
+from pipeline_lib.sections import RunConfig
 from pipeline_lib.stage import code_version
 from tasks.hooks import hook_options, meter_for_current_task
+
+
+def flow_run_id() -> str:
+    """The id of the Prefect flow run this code runs in ("" outside one)."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
 
 
 class RoundContext(BaseModel):
@@ -32,6 +39,13 @@ class RoundContext(BaseModel):
     flow_run_id: str = ""
     quiet: bool = False
     gpu_limit: str = ""
+
+    @classmethod
+    def of_run(cls, run: RunConfig, work_dir: str, parent_run_id: str) -> "RoundContext":
+        """The context of a flow run configured by ``run`` (its ``run:`` section), logging under ``parent_run_id``."""
+        return cls(work_dir=work_dir, tracking_uri=run.mlflow_tracking_uri, experiment=run.experiment,
+                   parent_run_id=parent_run_id, flow_run_id=flow_run_id(), quiet=run.quiet,
+                   gpu_limit=run.gpu_concurrency_limit)
 
     def record(self, stage: str, inputs: Mapping[str, ArtifactRef | ResolvedModel],
                outputs: Mapping[str, ArtifactRef], config: Mapping[str, Any]) -> str:

@@ -17,12 +17,11 @@ from typing import Any, Mapping
 from prefect import task
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest
-from pipeline_lib.config import CollectConfig, EvaluateConfig
-from pipeline_lib.evaluation.heldout import evaluate_heldout, generate_heldout
-from pipeline_lib.generation.collect import collect
-from pipeline_lib.judges.annotate import annotate
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.scale import merge_generations, merge_judgments, merge_responses, split_table
+from pipeline_lib.stages import annotate, collect, evaluate
+from pipeline_lib.stages.collect import CollectConfig
+from pipeline_lib.stages.evaluate import EvaluateConfig
 from tasks.common import RoundContext, _elapsed_in_task, as_ref, gpu_slot, task_options
 
 
@@ -59,7 +58,7 @@ def collect_shard_task(policy: ResolvedModel, prompts: ArtifactRef, cfg: Collect
                        shard: str) -> ArtifactRef:
     """Sample K responses per prompt of one shard (``cfg.seed`` is the shard's own seed)."""
     with gpu_slot(ctx.gpu_limit):
-        ref = collect(policy, prompts, cfg, ctx.work_dir, quiet=ctx.quiet)
+        ref = collect.run(policy, prompts, cfg, ctx.work_dir, quiet=ctx.quiet)
     _record(ctx, f"collect-{_shard_name(shard)}", {"policy": policy, "prompts": prompts}, {"generations": ref},
             cfg.model_dump(), {"shard_s": _elapsed_in_task()})
     return ref
@@ -69,7 +68,7 @@ def collect_shard_task(policy: ResolvedModel, prompts: ArtifactRef, cfg: Collect
 def annotate_shard_task(generations: ArtifactRef, judge: dict[str, Any], ctx: ShardContext, shard: str) -> ArtifactRef:
     """Score the samples of one shard's prompts with the judge."""
     with gpu_slot(ctx.gpu_limit):
-        ref = annotate(generations, judge, ctx.work_dir, quiet=ctx.quiet)
+        ref = annotate.run(generations, judge, ctx.work_dir, quiet=ctx.quiet)
     _record(ctx, f"annotate-{_shard_name(shard)}", {"generations": generations}, {"judgments": ref}, judge,
             {"shard_s": _elapsed_in_task()})
     return ref
@@ -80,8 +79,8 @@ def heldout_generate_shard_task(model: ResolvedModel, prompts: ArtifactRef, cfg:
                                 ctx: ShardContext, shard: str, tensor_parallel_size: int = 1) -> ArtifactRef:
     """One response per held-out prompt of one shard (the generation half of the evaluation)."""
     with gpu_slot(ctx.gpu_limit):
-        ref = generate_heldout(model, prompts, cfg, ctx.work_dir, seed=seed, quiet=ctx.quiet,
-                               tensor_parallel_size=tensor_parallel_size)
+        ref = evaluate.generate(model, prompts, cfg, ctx.work_dir, seed=seed, quiet=ctx.quiet,
+                                tensor_parallel_size=tensor_parallel_size)
     _record(ctx, f"heldout-generate-{_shard_name(shard)}", {"model": model, "prompts": prompts}, {"responses": ref},
             {**cfg.model_dump(), "seed": seed}, {"shard_s": _elapsed_in_task()})
     return ref
@@ -124,7 +123,7 @@ def evaluate_responses_task(model: ResolvedModel, prompts: ArtifactRef, response
                             judge: dict[str, Any], cfg: EvaluateConfig, ctx: ShardContext,
                             role: str = "policy") -> ArtifactRef:
     """The judging half of the evaluation on merged responses; metrics in the artifact's manifest."""
-    ref = evaluate_heldout(model, prompts, judge, cfg, ctx.work_dir, quiet=ctx.quiet, responses=responses)
+    ref = evaluate.run(model, prompts, judge, cfg, ctx.work_dir, quiet=ctx.quiet, responses=responses)
     _record(ctx, f"evaluate-{role}", {"model": model, "prompts": prompts, "responses": responses},
             {"evaluation": ref}, {**cfg.model_dump(), "role": role}, _phase_s(ctx))
     return ref

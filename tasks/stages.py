@@ -1,4 +1,5 @@
-"""Thin Prefect tasks, one per stage: call the stage function, record lineage, return the artifact reference."""
+"""Thin Prefect tasks, one per stage: ``<stage>_task`` calls ``pipeline_lib.stages.<stage>.run``, records lineage and
+returns the artifact reference."""
 
 from __future__ import annotations
 
@@ -8,19 +9,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib.artifacts import ArtifactRef
-from pipeline_lib.config import CollectConfig, EvaluateConfig, PairsConfig, TrainConfig
-from pipeline_lib.evaluation.heldout import evaluate_heldout
-from pipeline_lib.generation.collect import collect
-from pipeline_lib.hybrid import HybridOptions, make_candidates, make_hybrid_pairs, make_hybrid_prompts
-from pipeline_lib.preference_data import make_dataset_pairs
-from pipeline_lib.losses import MethodConfig
-from pipeline_lib.judges.annotate import annotate
+from pipeline_lib.methods import MethodConfig
 from pipeline_lib.models import ResolvedModel, resolve
-from pipeline_lib.pairs import make_pairs
-from pipeline_lib.prompts.sources import PromptSetOptions
-from pipeline_lib.prompts.stage import make_prompts
 from pipeline_lib.report.progress import Progress
-from pipeline_lib.training import train
+from pipeline_lib.stages import (annotate, collect, dataset_pairs, evaluate, hybrid_candidates, hybrid_pair,
+                                 hybrid_prompts, pair, prompts, train)
+from pipeline_lib.stages.collect import CollectConfig
+from pipeline_lib.stages.evaluate import EvaluateConfig
+from pipeline_lib.stages.hybrid_pair import HybridOptions
+from pipeline_lib.stages.pair import PairsConfig
+from pipeline_lib.stages.prompts import PromptSetOptions
+from pipeline_lib.stages.train import TrainConfig
 from tasks.common import RoundContext, gpu_slot, task_options
 
 
@@ -35,7 +34,7 @@ def resolve_model_task(ref: str) -> ResolvedModel:
 @task(**task_options("prompts"))
 def prompts_task(cfg: PromptSetOptions, split: str, n: int, ctx: RoundContext) -> ArtifactRef:
     """Materialise the prompt set of one split."""
-    ref = make_prompts(cfg, split, n, ctx.work_dir)
+    ref = prompts.run(cfg, split, n, ctx.work_dir)
     ctx.record(f"prompts-{split}", {}, {"prompts": ref}, {**cfg.model_dump(), "split": split, "n": n})
     return ref
 
@@ -44,7 +43,7 @@ def prompts_task(cfg: PromptSetOptions, split: str, n: int, ctx: RoundContext) -
 def collect_task(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, ctx: RoundContext) -> ArtifactRef:
     """Sample K responses per prompt from the policy with vLLM."""
     with gpu_slot(ctx.gpu_limit):
-        ref = collect(policy, prompts, cfg, ctx.work_dir, quiet=ctx.quiet)
+        ref = collect.run(policy, prompts, cfg, ctx.work_dir, quiet=ctx.quiet)
     ctx.record("collect", {"policy": policy, "prompts": prompts}, {"generations": ref}, cfg.model_dump())
     return ref
 
@@ -52,7 +51,7 @@ def collect_task(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig
 @task(**task_options("annotate"))
 def annotate_task(generations: ArtifactRef, judge: dict[str, Any], ctx: RoundContext) -> ArtifactRef:
     """Score every sample with the judge."""
-    ref = annotate(generations, judge, ctx.work_dir, quiet=ctx.quiet)
+    ref = annotate.run(generations, judge, ctx.work_dir, quiet=ctx.quiet)
     ctx.record("annotate", {"generations": generations}, {"judgments": ref}, judge)
     return ref
 
@@ -60,7 +59,7 @@ def annotate_task(generations: ArtifactRef, judge: dict[str, Any], ctx: RoundCon
 @task(**task_options("pair"))
 def pair_task(judgments: ArtifactRef, cfg: PairsConfig, ctx: RoundContext) -> ArtifactRef:
     """Build preference pairs from judged samples."""
-    ref = make_pairs(judgments, cfg, ctx.work_dir)
+    ref = pair.run(judgments, cfg, ctx.work_dir)
     ctx.record("pair", {"judgments": judgments}, {"pairs": ref}, cfg.model_dump())
     return ref
 
@@ -68,7 +67,7 @@ def pair_task(judgments: ArtifactRef, cfg: PairsConfig, ctx: RoundContext) -> Ar
 @task(**task_options("dataset-pairs"))
 def dataset_pairs_task(cfg: Any, policy: ResolvedModel, ctx: RoundContext) -> ArtifactRef:
     """Validate an off-policy preference dataset and render its prompts with the policy's chat template."""
-    ref = make_dataset_pairs(cfg, policy, ctx.work_dir)
+    ref = dataset_pairs.run(cfg, policy, ctx.work_dir)
     ctx.record("dataset-pairs", {"policy": policy}, {"pairs": ref}, cfg.model_dump())
     return ref
 
@@ -76,7 +75,7 @@ def dataset_pairs_task(cfg: Any, policy: ResolvedModel, ctx: RoundContext) -> Ar
 @task(**task_options("hybrid-prompts"))
 def hybrid_prompts_task(dataset_pairs: ArtifactRef, ctx: RoundContext) -> ArtifactRef:
     """The dataset's prompts as a prompt table, for collect."""
-    ref = make_hybrid_prompts(dataset_pairs, ctx.work_dir)
+    ref = hybrid_prompts.run(dataset_pairs, ctx.work_dir)
     ctx.record("prompts-train", {"dataset_pairs": dataset_pairs}, {"prompts": ref}, {})
     return ref
 
@@ -84,7 +83,7 @@ def hybrid_prompts_task(dataset_pairs: ArtifactRef, ctx: RoundContext) -> Artifa
 @task(**task_options("hybrid-candidates"))
 def hybrid_candidates_task(dataset_pairs: ArtifactRef, generations: ArtifactRef, ctx: RoundContext) -> ArtifactRef:
     """Dataset responses + on-policy samples, one table to judge."""
-    ref = make_candidates(dataset_pairs, generations, ctx.work_dir)
+    ref = hybrid_candidates.run(dataset_pairs, generations, ctx.work_dir)
     ctx.record("hybrid-candidates", {"dataset_pairs": dataset_pairs, "generations": generations},
                {"generations": ref}, {})
     return ref
@@ -93,7 +92,7 @@ def hybrid_candidates_task(dataset_pairs: ArtifactRef, generations: ArtifactRef,
 @task(**task_options("hybrid-pair"))
 def hybrid_pair_task(judgments: ArtifactRef, cfg: HybridOptions, ctx: RoundContext) -> ArtifactRef:
     """Chosen = best of all candidates, rejected by the configured rule; sources kept."""
-    ref = make_hybrid_pairs(judgments, cfg, ctx.work_dir)
+    ref = hybrid_pair.run(judgments, cfg, ctx.work_dir)
     ctx.record("pair", {"judgments": judgments}, {"pairs": ref}, cfg.model_dump())
     return ref
 
@@ -104,8 +103,8 @@ def train_task(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, meth
     """Preference-optimise the policy on the pairs against the reference; returns the checkpoint."""
     # The total (steps x ensemble members) comes with the trainer's first log row; a cached checkpoint logs none.
     with gpu_slot(ctx.gpu_limit), Progress(0, "train", "steps", quiet=ctx.quiet) as progress:
-        ref = train(policy, pairs, cfg, method, ctx.work_dir, reference=reference,
-                    on_log=progress.trainer_callback(members=cfg.ensemble), quiet=ctx.quiet)
+        ref = train.run(policy, pairs, cfg, method, ctx.work_dir, reference=reference,
+                        on_log=progress.trainer_callback(members=cfg.ensemble), quiet=ctx.quiet)
     ctx.record("train", {"policy": policy, "pairs": pairs, "reference": reference}, {"checkpoint": ref},
                {**cfg.model_dump(), "method": method.model_dump()})
     return ref
@@ -116,8 +115,8 @@ def evaluate_task(model: ResolvedModel, prompts: ArtifactRef, judge: dict[str, A
                   ctx: RoundContext, role: str = "policy", tensor_parallel_size: int = 1) -> ArtifactRef:
     """Greedy responses on held-out prompts, judged; metrics in the artifact's manifest."""
     with gpu_slot(ctx.gpu_limit):
-        ref = evaluate_heldout(model, prompts, judge, cfg, ctx.work_dir, quiet=ctx.quiet,
-                               tensor_parallel_size=tensor_parallel_size)
+        ref = evaluate.run(model, prompts, judge, cfg, ctx.work_dir, quiet=ctx.quiet,
+                           tensor_parallel_size=tensor_parallel_size)
     ctx.record(f"evaluate-{role}", {"model": model, "prompts": prompts}, {"evaluation": ref},
                {**cfg.model_dump(), "role": role})
     return ref

@@ -65,7 +65,7 @@ def evaluate_command(args) -> int:
     overrides = list(args.overrides) + (["run.quiet=true"] if args.quiet else [])
     cfg = load_config(args.config, overrides, model=EvaluateModelConfig)
     if not cfg.judge and any(b in JUDGED for b in (args.benchmarks or cfg.benchmarks)):
-        from pipeline_lib.cli import UserError
+        from pipeline_lib.errors import UserError
 
         raise UserError("no judge configured", "set judge.kind=llm judge.model=... judge.base_url=... (or a config)")
     os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.run.mlflow_tracking_uri)

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from pipeline_lib.cli import UserError
+    from pipeline_lib.errors import UserError
     from pipeline_lib.lineage_chain import LineageError, lineage_chain, render
 
     uri, name = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), args.registered_model

@@ -30,7 +30,8 @@ def tracking_uri(args) -> str:
         return args.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    from pipeline_lib.config import RunConfig, load_config
+    from pipeline_lib.config import load_config
+    from pipeline_lib.sections import RunConfig
 
     return load_config(args.config).run.mlflow_tracking_uri if args.config else RunConfig().mlflow_tracking_uri
 
@@ -38,7 +39,7 @@ def tracking_uri(args) -> str:
 def run(args) -> int:
     import sys
 
-    from pipeline_lib.cli import UserError
+    from pipeline_lib.errors import UserError
     from pipeline_lib.report.collect import ReportError, collect_report
     from pipeline_lib.report.html import render
 

@@ -60,7 +60,7 @@ def format_paired(paired: dict[str, dict]) -> list[str]:
 def preflight_data(cfg) -> str:
     """Every row of the round's data sources validated before any model is resolved (DataError: file, row, reason);
     returns what was checked, in words."""
-    from pipeline_lib.preference_data import validate_pairs
+    from pipeline_lib.stages.dataset_pairs import validate_pairs
     from pipeline_lib.prompts.sources import load_prompt_table
 
     n_held = len(load_prompt_table(cfg.prompts, "heldout", cfg.prompts.n_heldout))

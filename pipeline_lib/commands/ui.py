@@ -179,7 +179,7 @@ def _sigterm_as_interrupt(signum, frame):
 
 
 def run(args) -> int:
-    from pipeline_lib.cli import UserError
+    from pipeline_lib.errors import UserError
 
     uri = tracking_uri(args)
     for line in exposure_warnings(args, dict(os.environ)):

@@ -85,7 +85,7 @@ def stage_cost(stage: str, measured: Mapping[str, float], metrics: Mapping[str, 
     elif stage == "train":
         rate = _num(metrics.get("tokens_per_s"))
         train_s = (_num(metrics.get("setup_s")) or 0.0) + (_num(metrics.get("train_s")) or 0.0)
-        if rate and train_s:  # training.py: tokens_per_s = tokens (all epochs) / (setup_s + train_s)
+        if rate and train_s:  # stages/train/fit.py: tokens_per_s = tokens (all epochs) / (setup_s + train_s)
             tokens = float(round(rate * train_s))
             out.update(trained_tokens=tokens, train_s=train_s)
             if n_params and peak_tflops:

@@ -7,9 +7,9 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline_lib.config import RunConfig, Section
 from pipeline_lib.evaluation import mt_bench as mtb
 from pipeline_lib.evaluation.ifeval import IFEvalOptions
+from pipeline_lib.sections import RunConfig, Section
 
 BENCHMARKS = ("alpaca_eval", "mt_bench", "ifeval")
 Benchmark = Literal["alpaca_eval", "mt_bench", "ifeval"]

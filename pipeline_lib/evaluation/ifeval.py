@@ -180,7 +180,7 @@ def evaluate_ifeval(model: ResolvedModel, data: ArtifactRef, opts: IFEvalOptions
                     tensor_parallel_size: int = 1) -> ArtifactRef:
     """Greedy responses of ``model`` to the IFEval rows of ``data``, scored; metrics in the manifest.
     ``tensor_parallel_size`` and ``kv_cache_gib`` say how the engine runs, not what is generated: not in the key."""
-    from pipeline_lib.evaluation.benchmarks import SamplingKey, run_requests
+    from pipeline_lib.generation.requests import SamplingKey, run_requests
     from pipeline_lib.report.progress import Progress
 
     config = {"max_tokens": opts.max_tokens, "seed": opts.seed, "temperature": 0.0}

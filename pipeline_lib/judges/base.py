@@ -5,8 +5,10 @@ A judge implements what it can natively; the base class fills in the rest:
 - from pairwise comparisons, ``rank`` calls ``compare`` on every ordered pair (diagonal 0.5) and ``score`` is the
   mean win probability of each candidate against the others of the same prompt.
 
-Judges register by kind (``@register_judge("rules")``) and are built from the config's ``judge`` mapping
-(``{"kind": "rules", ...options}``) by :func:`build_judge`; unknown kinds and options fail when the config loads.
+Judges register by kind (``@register_judge("rules")``; importing this module runs ``pipeline_lib/judges/__init__.py``
+first, which imports every judge module, so they are all registered) and are built from the config's ``judge``
+mapping (``{"kind": "rules", ...options}``) by :func:`build_judge`; unknown kinds and options fail when the config
+loads.
 """
 
 from __future__ import annotations
@@ -120,8 +122,6 @@ def register_judge(kind: str) -> Callable[[type[Judge]], type[Judge]]:
 
 def parse_judge_options(cfg: Mapping[str, Any]) -> JudgeOptions:
     """Validate a ``judge`` config mapping against the registered judge's options (raises ValueError)."""
-    from pipeline_lib import judges as _registry  # noqa: F401  (imports every judge module so they register)
-
     kind = cfg.get("kind")
     if kind not in JUDGES:
         raise ValueError(f"judge.kind: unknown judge {kind!r}; known: {', '.join(sorted(JUDGES))}")

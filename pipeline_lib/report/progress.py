@@ -117,7 +117,7 @@ class Progress:
         self.close()
 
     def trainer_callback(self, members: int = 1) -> Callable[[dict], None]:
-        """An ``on_log`` for ``pipeline_lib.training.train``: rows carry ``step``/``max_steps`` and TRL's logs.
+        """An ``on_log`` for ``pipeline_lib.stages.train.run``: rows carry ``step``/``max_steps`` and TRL's logs.
         ``members`` > 1 (BPO's LoRA ensemble): rows also carry ``ensemble_member`` i and each member counts its steps
         from 1 again, so member i's step s is overall step i * max_steps + s of members * max_steps."""
 

@@ -8,11 +8,11 @@ import re
 import pytest
 
 from pipeline_lib.artifacts import read_manifest, read_table
-from pipeline_lib.config import CollectConfig
-from pipeline_lib.generation.collect import collect
 from pipeline_lib.prompts.sources import BuiltinPrompts
-from pipeline_lib.prompts.stage import make_prompts
 from pipeline_lib.report.progress import fmt_duration
+from pipeline_lib.stages.collect import CollectConfig
+from pipeline_lib.stages.collect import run as collect
+from pipeline_lib.stages.prompts import run as make_prompts
 
 
 @pytest.mark.slow

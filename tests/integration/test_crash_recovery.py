@@ -138,7 +138,7 @@ def test_training_resumed_from_the_last_checkpoint(crashed_and_rerun):
     from pipeline_lib.artifacts import read_manifest, ref_from_dir
     from pipeline_lib.config import load_config
     from pipeline_lib.models import resolve
-    from pipeline_lib.training import train
+    from pipeline_lib.stages.train import run as train
 
     r = crashed_and_rerun
     k = r["resumed_from"]
@@ -175,7 +175,7 @@ def test_no_artifact_is_corrupt(crashed_and_rerun):
 def test_incomplete_checkpoint_is_not_resumed_from(tmp_path):
     """checkpoint-3 was cut off by a kill after the weights but before trainer_state.json (the Trainer's last
     write): resuming must start from checkpoint-2, the last complete one."""
-    from pipeline_lib.training import _last_checkpoint
+    from pipeline_lib.stages.train.fit import _last_checkpoint
 
     for step, complete in ((2, True), (3, False)):
         d = tmp_path / f"checkpoint-{step}"

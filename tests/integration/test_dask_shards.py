@@ -62,9 +62,10 @@ def test_dask_shards_run_where_the_resource_is_and_equal_local_shards(cluster, h
     from distributed import get_task_stream
     from prefect import flow
 
-    from flows.round import _flow_run_id, _with_storage
+    from tasks.common import flow_run_id
+    from tasks.results import with_result_store
     from flows.sharded import ShardedStages
-    from pipeline_lib.judges.annotate import annotate
+    from pipeline_lib.stages.annotate import run as annotate
     from pipeline_lib.lineage import RoundLineage
     from pipeline_lib.scale import merge_judgments, split_table
     from tasks.common import RoundContext
@@ -90,8 +91,8 @@ def test_dask_shards_run_where_the_resource_is_and_equal_local_shards(cluster, h
         work = cfg.run.work_dir
         parent = RoundLineage(cfg.run.mlflow_tracking_uri, cfg.run.experiment).start_round("dask", "t", {}, tags={})
         ctx = RoundContext(work_dir=work, tracking_uri=cfg.run.mlflow_tracking_uri, experiment=cfg.run.experiment,
-                           parent_run_id=parent, flow_run_id=_flow_run_id(), quiet=True)
-        c, a, e = _with_storage(work, collect_task, annotate_task, evaluate_task)
+                           parent_run_id=parent, flow_run_id=flow_run_id(), quiet=True)
+        c, a, e = with_result_store(work, collect_task, annotate_task, evaluate_task)
         return ShardedStages(cfg.scale, ctx, c, a, e).annotate(gens, cfg.judge)
 
     t0 = time.perf_counter()

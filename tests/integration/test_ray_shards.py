@@ -50,7 +50,8 @@ def _flow():
 
     @flow(name="sharded-collect-test")
     def sharded_collect(cfg, policy, prompts_n: int):
-        from flows.round import _flow_run_id, _with_storage
+        from tasks.common import flow_run_id
+        from tasks.results import with_result_store
         from flows.sharded import ShardedStages
         from pipeline_lib.lineage import RoundLineage
         from tasks.common import RoundContext
@@ -60,9 +61,9 @@ def _flow():
         lineage = RoundLineage(cfg.run.mlflow_tracking_uri, cfg.run.experiment)
         parent = lineage.start_round("k" + work_dir[-12:], "test", {}, tags={})
         ctx = RoundContext(work_dir=work_dir, tracking_uri=cfg.run.mlflow_tracking_uri,
-                           experiment=cfg.run.experiment, parent_run_id=parent, flow_run_id=_flow_run_id(),
+                           experiment=cfg.run.experiment, parent_run_id=parent, flow_run_id=flow_run_id(),
                            quiet=True)
-        prompts_t, collect_t, annotate_t, evaluate_t = _with_storage(work_dir, prompts_task, collect_task,
+        prompts_t, collect_t, annotate_t, evaluate_t = with_result_store(work_dir, prompts_task, collect_task,
                                                                      annotate_task, evaluate_task)
         prompts = prompts_t(cfg.prompts, "train", prompts_n, ctx)
         return ShardedStages(cfg.scale, ctx, collect_t, annotate_t, evaluate_t).collect(policy, prompts, cfg.collect)

@@ -68,9 +68,9 @@ def test_annotate_stage_progress_artifact_ends_at_100(prefect_api, tmp_path):
     import pandas as pd
 
     from pipeline_lib.artifacts import read_table, write_table
-    from pipeline_lib.judges.annotate import annotate
+    from pipeline_lib.stages.annotate import run as annotate
     from pipeline_lib.prompts.sources import BuiltinPrompts
-    from pipeline_lib.prompts.stage import make_prompts
+    from pipeline_lib.stages.prompts import run as make_prompts
 
     prompts = read_table(make_prompts(BuiltinPrompts(n_train=2), "train", 2, tmp_path))
     gens = write_table(pd.concat([prompts.assign(response="yes."), prompts.assign(response="no, it was.")]),

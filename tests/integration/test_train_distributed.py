@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, verify, write_table
-from pipeline_lib.config import TrainConfig
-from pipeline_lib.losses import MethodConfig
-from pipeline_lib.train_worker import MARKER, TrainWorkerError
-from pipeline_lib.training import train
+from pipeline_lib.stages.train import TrainConfig
+from pipeline_lib.methods import MethodConfig
+from pipeline_lib.stages.train.worker import MARKER, TrainWorkerError
+from pipeline_lib.stages.train import run as train
 
 REPO = Path(__file__).resolve().parents[2]
 # fp32 throughout, no warmup: the runs below differ only in how the batch of 4 pairs is split over processes.
@@ -120,7 +120,7 @@ def test_two_rendezvous_groups_on_loopback_train_like_one_process(tiny_model, tm
     pairs gives the weights of 1 process x 4 pairs (as above); the announcement is gone afterwards."""
     import socket
 
-    from pipeline_lib.train_worker import announcement
+    from pipeline_lib.stages.train.worker import announcement
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # both groups talk over the loopback interface only
     torch.set_num_threads(1)
@@ -212,10 +212,10 @@ def test_deepspeed_config_is_checked_before_any_process_starts(tiny_model, tmp_p
 _STAGE = """
 import sys, json
 from pipeline_lib.artifacts import ArtifactRef
-from pipeline_lib.config import TrainConfig
-from pipeline_lib.losses import MethodConfig
+from pipeline_lib.stages.train import TrainConfig
+from pipeline_lib.methods import MethodConfig
 from pipeline_lib.models import resolve
-from pipeline_lib.training import train
+from pipeline_lib.stages.train import run as train
 pairs, cfg = ArtifactRef.model_validate_json(sys.argv[1]), TrainConfig.model_validate_json(sys.argv[2])
 work = sys.argv[3]
 train(resolve("tiny:0"), pairs, cfg, MethodConfig(), work, quiet=True,

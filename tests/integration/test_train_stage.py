@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pipeline_lib.artifacts import verify, write_table
-from pipeline_lib.config import TrainConfig
-from pipeline_lib.losses import MethodConfig
-from pipeline_lib.training import train
+from pipeline_lib.stages.train import TrainConfig
+from pipeline_lib.methods import MethodConfig
+from pipeline_lib.stages.train import run as train
 
 
 def _pairs(tiny_model, tmp_path):
@@ -44,7 +44,7 @@ def test_diverged_training_saves_nothing(tiny_model, tmp_path):
     """Issue 22, finding 1: learning rate 1e30 (finite, so it passes the config) turns every weight of the tiny model
     into NaN within 2 steps; before, the checkpoint was saved (and a round registered it) with "loss 0.0" in its log.
     Now the stage refuses before writing anything, naming the weights and the knob; a ValueError, so not retried."""
-    from pipeline_lib.training import TrainingDivergedError
+    from pipeline_lib.stages.train.fit import TrainingDivergedError
 
     torch.set_num_threads(1)
     _, pairs = _pairs(tiny_model, tmp_path)

@@ -72,7 +72,7 @@ def test_tty_redraws_one_line_and_close_ends_it():
 
 
 def test_trainer_callback_takes_total_and_step_from_the_rows():
-    """Rows as pipeline_lib.training passes them: step 3 of 12 at t=4 after step 1 at t=0:
+    """Rows as pipeline_lib.stages.train passes them: step 3 of 12 at t=4 after step 1 at t=0:
     rate (3 - 1) / 4 = 0.5 steps/s, ETA (12 - 3) / 0.5 = 18 s."""
     clock, out = Clock(), io.StringIO()
     p = Progress(0, "train", "steps", stream=out, every_s=0.0, clock=clock)

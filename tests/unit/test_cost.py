@@ -29,7 +29,7 @@ def test_evaluate_cost_from_mean_tokens():
 
 
 def test_train_cost_tokens_flops_and_mfu_by_hand():
-    # training.py: tokens_per_s = tokens / (setup_s + train_s): 12000 tokens over 30 + 90 s -> 100 tok/s
+    # stages/train/fit.py: tokens_per_s = tokens / (setup_s + train_s): 12000 tokens over 30 + 90 s -> 100 tok/s
     metrics = {"tokens_per_s": 100.0, "setup_s": 30.0, "train_s": 90.0}
     c = stage_cost("train", MEASURED, metrics, n_params=1_000_000, epochs=2, peak_tflops=0.5)
     assert c["trained_tokens"] == 12000 and c["train_s"] == 120.0 and c["training_tokens_per_s"] == 100.0

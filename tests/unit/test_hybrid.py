@@ -13,11 +13,16 @@ from _tiny import tiny_tokenizer
 
 from pipeline_lib.artifacts import read_manifest, read_table, write_table
 from pipeline_lib.generation.sampling import render_chat
-from pipeline_lib.hybrid import (REJECTED, HybridOptions, candidates_table, hybrid_pairs, make_candidates,
-                                 make_hybrid_pairs, make_hybrid_prompts, prompts_from_pairs)
 from pipeline_lib.models import ResolvedModel
-from pipeline_lib.pairs import build_pairs
-from pipeline_lib.preference_data import FilePairs, make_dataset_pairs
+from pipeline_lib.stages.dataset_pairs import FilePairs
+from pipeline_lib.stages.dataset_pairs import run as make_dataset_pairs
+from pipeline_lib.stages.hybrid_candidates import candidates_table
+from pipeline_lib.stages.hybrid_candidates import run as make_candidates
+from pipeline_lib.stages.hybrid_pair import REJECTED, HybridOptions, hybrid_pairs
+from pipeline_lib.stages.hybrid_pair import run as make_hybrid_pairs
+from pipeline_lib.stages.hybrid_prompts import prompts_from_pairs
+from pipeline_lib.stages.hybrid_prompts import run as make_hybrid_prompts
+from pipeline_lib.stages.pair import build_pairs
 
 # prompt: [(source, score)] in sample_index order
 JUDGED = {

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline_lib.evaluation import ifeval as ife
-from pipeline_lib.judges.rules.cli import score_rows
+from pipeline_lib.commands.ifeval import score_rows
 from tests.conftest import shared_dir
 
 

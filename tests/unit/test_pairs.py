@@ -5,7 +5,7 @@ import torch
 
 from pipeline_lib.judges.base import Item
 from pipeline_lib.losses import sppo_loss
-from pipeline_lib.pairs import build_pairs
+from pipeline_lib.stages.pair import build_pairs
 from pipeline_lib.winprob import win_probabilities, win_probability_columns
 
 

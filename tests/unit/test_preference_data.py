@@ -12,10 +12,11 @@ from _tiny import tiny_tokenizer
 
 from pipeline_lib.artifacts import read_manifest, read_table, sha256_json
 from pipeline_lib.models import ResolvedModel
-from pipeline_lib.pairs import PROMPT_COLUMNS as PAIRS_PROMPT_COLUMNS
-from pipeline_lib.preference_data import PAIR_COLUMNS, FilePairs, HubPairs, load_preference_pairs, make_dataset_pairs
 from pipeline_lib.prompts.validate import DataError
-from pipeline_lib.training import pairs_dataset
+from pipeline_lib.stages.dataset_pairs import PAIR_COLUMNS, FilePairs, HubPairs, load_preference_pairs
+from pipeline_lib.stages.dataset_pairs import run as make_dataset_pairs
+from pipeline_lib.stages.pair import PROMPT_COLUMNS as PAIRS_PROMPT_COLUMNS
+from pipeline_lib.stages.train.fit import pairs_dataset
 
 
 def rendered(user: str, system: str | None = None) -> str:
@@ -141,7 +142,7 @@ def test_hub_source_equals_local_file(tmp_path, tok):
 def test_pairs_feed_the_trainer_dataset(tmp_path, tok):
     """The table is what the train stage consumes: TRL's prompt/chosen/rejected from prompt_text/chosen/rejected;
     for SAIL the off-policy pairs are flagged not on-policy."""
-    from pipeline_lib.losses import MethodConfig
+    from pipeline_lib.methods import MethodConfig
 
     pairs, _ = load_preference_pairs(FilePairs(source="jsonl", path=write_jsonl(tmp_path / "d.jsonl", PLAIN)), tok)
     ds = pairs_dataset(pairs, MethodConfig(loss="sail"))

@@ -1,4 +1,5 @@
-"""flows.round.decide_promotion: the candidate replaces the champion only if it beats it by more than the margin."""
+"""pipeline_lib.promotion.decide_promotion: the candidate replaces the champion only if it beats it by more than the
+margin."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import math
 
 import pytest
 
-from flows.round import decide_promotion
-from pipeline_lib.config import PromotionConfig
+from pipeline_lib.promotion import PromotionConfig, decide_promotion
 
 NAN = float("nan")
 

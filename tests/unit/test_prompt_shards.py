@@ -1,12 +1,13 @@
 import pytest
 
 from pipeline_lib.artifacts import read_table
-from pipeline_lib.config import ConfigError, PromptsConfig, load_config
-from pipeline_lib.prompts.stage import make_prompts
+from pipeline_lib.config import ConfigError, load_config
+from pipeline_lib.prompts.sources import BuiltinPrompts
+from pipeline_lib.stages.prompts import run as make_prompts
 
 
 def test_campaign_shards_are_disjoint_and_cover_one_draw(tmp_path):
-    cfg = PromptsConfig(seed=3)
+    cfg = BuiltinPrompts(seed=3)
     shards = [read_table(make_prompts(cfg.model_copy(update={"shard": k, "num_shards": 3}), "train", 5, tmp_path))
               for k in range(3)]
     ids = [set(s.prompt_id) for s in shards]
@@ -17,8 +18,8 @@ def test_campaign_shards_are_disjoint_and_cover_one_draw(tmp_path):
 
 
 def test_heldout_ignores_shards(tmp_path):
-    a = make_prompts(PromptsConfig(shard=1, num_shards=2), "heldout", 4, tmp_path)
-    b = make_prompts(PromptsConfig(), "heldout", 4, tmp_path)
+    a = make_prompts(BuiltinPrompts(shard=1, num_shards=2), "heldout", 4, tmp_path)
+    b = make_prompts(BuiltinPrompts(), "heldout", 4, tmp_path)
     assert a.sha256 == b.sha256
 
 

@@ -98,7 +98,7 @@ def test_sharded_annotate_with_a_reward_model_equals_one_call(tmp_path, tmp_path
     """Three shards judged separately and merged give the unsharded judgments: same rows in the same order, every
     column equal, scores to float tolerance (the reward model batches differently); win-probabilities too, since
     all samples of a prompt are judged in one shard."""
-    from pipeline_lib.judges.annotate import annotate
+    from pipeline_lib.stages.annotate import run as annotate
 
     rm = _rm(tmp_path_factory)
     rng = np.random.default_rng(0)
@@ -124,7 +124,7 @@ def test_sharded_annotate_with_a_reward_model_equals_one_call(tmp_path, tmp_path
 def test_sharded_evaluation_judges_the_merged_responses(tmp_path):
     """The judging half on merged responses gives the metrics worked out by hand; responses that do not answer the
     prompts row for row are refused."""
-    from pipeline_lib.evaluation.heldout import evaluate_heldout
+    from pipeline_lib.stages.evaluate import run as evaluate_heldout
     from pipeline_lib.models import ResolvedModel
 
     prompts = _table(tmp_path, pd.DataFrame({
@@ -173,7 +173,7 @@ def test_scale_config_validation():
 def test_one_shard_is_the_round_as_before():
     """scale.shards = 1: the stage tasks are called with the round's own arguments (so the same task cache keys and
     artifacts), nothing is split, and the round's MLflow key is the one computed before the scale section existed."""
-    from flows.round import round_key_config
+    from flows.round_record import round_key_config
     from flows.sharded import ShardedStages
     from pipeline_lib.artifacts import sha256_json
     from tasks.common import RoundContext

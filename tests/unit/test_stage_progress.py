@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 from pipeline_lib.artifacts import read_table
-from pipeline_lib.config import CollectConfig, EvaluateConfig
-from pipeline_lib.evaluation.heldout import evaluate_heldout
-from pipeline_lib.generation.collect import collect
-from pipeline_lib.judges.annotate import annotate, judge_in_chunks
+from pipeline_lib.judges.batching import judge_in_chunks
 from pipeline_lib.prompts.sources import BuiltinPrompts
-from pipeline_lib.prompts.stage import make_prompts
 from pipeline_lib.report.progress import Progress
+from pipeline_lib.stages.annotate import run as annotate
+from pipeline_lib.stages.collect import CollectConfig
+from pipeline_lib.stages.collect import run as collect
+from pipeline_lib.stages.evaluate import EvaluateConfig
+from pipeline_lib.stages.evaluate import run as evaluate_heldout
+from pipeline_lib.stages.prompts import run as make_prompts
 
 RULES = {"kind": "rules"}
 # What a line of Progress ends with once all is done: count, 100 %, a rate, ETA 0s, then the stage's extra.

@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import DPOTrainer
 
-from pipeline_lib.losses import MethodConfig
+from pipeline_lib.methods import MethodConfig
 from pipeline_lib.trainer import AlignTrainer
 
 TOK = tiny_tokenizer()

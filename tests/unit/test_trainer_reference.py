@@ -12,7 +12,7 @@ import torch
 from _tiny import WORDS, align_trainer, dpo_args, one_torch_thread, preference_rows, tiny_model, tiny_tokenizer
 from datasets import Dataset
 
-from pipeline_lib.losses import MethodConfig
+from pipeline_lib.methods import MethodConfig
 from pipeline_lib.trainer import AlignTrainer
 
 TOK = tiny_tokenizer()

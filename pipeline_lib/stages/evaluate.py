@@ -1,4 +1,5 @@
-"""The evaluate stage on held-out verifiable prompts: greedy responses from a model, then
+"""The evaluate stage on held-out verifiable prompts: greedy responses from a model (``run``; a sharded evaluation
+generates in shards with ``generate`` and judges the merged responses with ``run``), then
 
 - ``pass_rate_strict``: share of prompts whose every instruction is followed (IFEval prompt-level strict accuracy);
 - ``instruction_pass_rate``: share of all instructions followed (IFEval instruction-level strict accuracy);
@@ -13,16 +14,36 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from pydantic import Field
+
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, ref_from_dir, write_table
-from pipeline_lib.config import EvaluateConfig
+from pipeline_lib.evaluation.ifeval import IFEvalOptions
 from pipeline_lib.generation.sampling import SamplingSpec, render_chat, sample
-from pipeline_lib.judges.annotate import items_from_rows, judge_in_chunks
 from pipeline_lib.judges.base import build_judge
+from pipeline_lib.judges.batching import items_from_rows, judge_in_chunks
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.report.progress import Progress
+from pipeline_lib.sections import Section
 from pipeline_lib.stage import done, output_dir
 
 METRICS = ["pass_rate_strict", "instruction_pass_rate", "mean_score", "mean_tokens", "mean_chars"]
+
+
+class RoundIFEval(IFEvalOptions):
+    """IFEval in a round: champion and candidate on the same IFEval prompts, compared pair by pair."""
+
+    enabled: bool = Field(False, description="evaluate champion and candidate on IFEval too (541 prompts: ~10 min "
+                                             "per model for a 135M model on 2 CPU cores)")
+
+
+class EvaluateConfig(Section):
+    enabled: bool = Field(True, description="evaluate champion and candidate (off: no promotion either)")
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    ifeval: RoundIFEval = RoundIFEval()
+    n_resamples: int = Field(2000, ge=2000, description="paired bootstrap resamples of the prompts for the "
+                                                        "confidence interval of after - before")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the paired confidence intervals")
 
 
 def follows_strict(df) -> list[list[bool]]:
@@ -61,7 +82,7 @@ def _generate(model: ResolvedModel, df, cfg: EvaluateConfig, seed: int, kv_cache
     return gen.sort_values("prompt_index").reset_index(drop=True), stats
 
 
-def generate_heldout(model: ResolvedModel, prompts: ArtifactRef, cfg: EvaluateConfig, work_dir: str | Path,
+def generate(model: ResolvedModel, prompts: ArtifactRef, cfg: EvaluateConfig, work_dir: str | Path,
                      seed: int = 0, kv_cache_gib: float = 1.0, quiet: bool = False,
                      tensor_parallel_size: int = 1) -> ArtifactRef:
     """The generation half of the evaluation as a stage of its own (one shard of a sharded evaluation): the prompt
@@ -79,14 +100,15 @@ def generate_heldout(model: ResolvedModel, prompts: ArtifactRef, cfg: EvaluateCo
                        extra={"metrics": stats})
 
 
-def evaluate_heldout(model: ResolvedModel, prompts: ArtifactRef, judge_cfg: Mapping[str, Any], cfg: EvaluateConfig,
-                     work_dir: str | Path, seed: int = 0, kv_cache_gib: float = 1.0, quiet: bool = False,
-                     tensor_parallel_size: int = 1, responses: ArtifactRef | None = None) -> ArtifactRef:
-    """``tensor_parallel_size``: GPUs vLLM shards the model over (a round passes ``collect.tensor_parallel_size``:
-    a policy that needs K GPUs to sample needs them to be evaluated). Like ``kv_cache_gib`` it says how the engine
-    runs, not what is evaluated, so it is not part of the artifact's key. ``responses``: the model's responses to
-    ``prompts`` generated already (a sharded evaluation's merged ``generate_heldout`` shards), judged instead of
-    sampling; they are an input of the artifact."""
+def run(model: ResolvedModel, prompts: ArtifactRef, judge_cfg: Mapping[str, Any], cfg: EvaluateConfig,
+        work_dir: str | Path, seed: int = 0, kv_cache_gib: float = 1.0, quiet: bool = False,
+        tensor_parallel_size: int = 1, responses: ArtifactRef | None = None) -> ArtifactRef:
+    """The evaluation table of ``model`` on the held-out ``prompts`` (responses, judge scores, IFEval verdicts),
+    the metrics in its manifest. ``tensor_parallel_size``: GPUs vLLM shards the model over (a round passes
+    ``collect.tensor_parallel_size``: a policy that needs K GPUs to sample needs them to be evaluated). Like
+    ``kv_cache_gib`` it says how the engine runs, not what is evaluated, so it is not part of the artifact's key.
+    ``responses``: the model's responses to ``prompts`` generated already (a sharded evaluation's merged
+    ``generate`` shards), judged instead of sampling; they are an input of the artifact."""
     judge = build_judge(judge_cfg)
     config = {**cfg.model_dump(), "judge": judge.identity(), "seed": seed}
     inputs = {"model": model.sha256, "prompts": prompts.sha256}

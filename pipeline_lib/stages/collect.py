@@ -10,21 +10,33 @@ is kept for that diagnostic and carried into the pairs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pandas as pd
+from pydantic import Field
 
 from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, write_table
-from pipeline_lib.config import CollectConfig
 from pipeline_lib.generation.sampling import SamplingSpec, render_chat, sample
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.report.progress import Progress
+from pipeline_lib.sections import Section
 from pipeline_lib.stage import done, output_dir
 
 
-def collect(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, work_dir: str | Path,
-            quiet: bool = False) -> ArtifactRef:
+class CollectConfig(Section):
+    k: int = Field(4, ge=2, le=256, description="samples per prompt (at most 256: k=10000 was accepted and sat at "
+                                                "0/160000 samples with a 3 GB worker)")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(128, ge=1)
+    seed: int = 0
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
+def run(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, work_dir: str | Path,
+        quiet: bool = False) -> ArtifactRef:
+    """K samples per prompt of ``prompts`` from ``policy`` (vLLM in a child process), with the behavior log-probs."""
     from transformers import AutoTokenizer
 
     config = cfg.model_dump()

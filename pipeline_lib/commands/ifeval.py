@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
-    from pipeline_lib.cli import UserError
+    from pipeline_lib.errors import UserError
     from pipeline_lib.evaluation.data import read_jsonl_numbered
 
     try:
@@ -61,7 +61,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
 
 
 def score_rows(rows: list[tuple[int, dict]], path: str = "input") -> tuple[list[dict], dict]:
-    from pipeline_lib.cli import UserError
+    from pipeline_lib.errors import UserError
 
     out, per_id = [], {}
     totals = {m: {"prompts": 0, "instructions": 0} for m in ("strict", "loose")}

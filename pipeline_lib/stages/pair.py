@@ -33,13 +33,15 @@ The SPPO strategies carry ``chosen_winprob``/``rejected_winprob`` (P-hat of each
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
 from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, write_table
-from pipeline_lib.config import PairsConfig
+from pipeline_lib.methods import PAIRINGS, PAIRS
+from pipeline_lib.sections import Section
 from pipeline_lib.stage import done, output_dir
 from pipeline_lib.winprob import COLUMNS as WINPROB_COLUMNS
 
@@ -47,6 +49,29 @@ from pipeline_lib.winprob import COLUMNS as WINPROB_COLUMNS
 SIDE_COLUMNS = ["response", "score", "winprob", "behavior_logp_seq", "n_tokens", "sample_index", "response_source"]
 PROMPT_COLUMNS = ["prompt_id", "prompt", "prompt_text"]
 Pick = Callable[[np.ndarray, float], list[tuple[int, int]]]
+
+
+class PairsConfig(Section):
+    strategy: Literal["best_worst", "all_pairs", "iid_pairs", "sppo_winprob", "sppo_all", "unlabelled"] = "best_worst"
+    min_margin: float = Field(0.0, ge=0.0, description="drop pairs whose score gap is not above this (ties always)")
+    winprob: Literal["authors", "pairwise"] = Field(
+        "authors", description="SPPO's P(a > b) from a pairwise judge: authors = LLM-Blender's scores over all K "
+                               "samples (uclaml/SPPO); pairwise = the judge's probability of each pair alone")
+    unfinished: Literal["keep", "last", "drop"] = Field(
+        "keep", description="samples cut at collect.max_tokens (they never ended): keep = ranked by score like the "
+                            "rest; last = ranked below every finished sample of the prompt; drop = not paired")
+
+    @model_validator(mode="after")
+    def _winprob_applies(self) -> "PairsConfig":
+        if self.winprob != "authors" and not PAIRINGS[self.strategy].columns:
+            users = ", ".join(name for name, spec in PAIRINGS.items() if spec.columns)
+            raise ValueError(f"pairs.winprob={self.winprob} applies to win-probability pairings ({users}), not "
+                             f"pairs.strategy={self.strategy}")
+        if self.unfinished != "keep" and not PAIRINGS[self.strategy].ranks_by_score:
+            users = ", ".join(name for name in PAIRS if PAIRINGS[name].ranks_by_score)
+            raise ValueError(f"pairs.unfinished={self.unfinished} applies to pairings that rank samples by the "
+                             f"judge's score ({users}), not pairs.strategy={self.strategy}")
+        return self
 
 
 def _best_worst(scores: np.ndarray, min_margin: float) -> list[tuple[int, int]]:
@@ -169,7 +194,8 @@ def build_pairs(judged: pd.DataFrame, strategy: str, min_margin: float = 0.0,
     return pairs, counts
 
 
-def make_pairs(judgments: ArtifactRef, cfg: PairsConfig, work_dir: str | Path) -> ArtifactRef:
+def run(judgments: ArtifactRef, cfg: PairsConfig, work_dir: str | Path) -> ArtifactRef:
+    """The pairs table of ``judgments`` under ``cfg.strategy``; raises ValueError when no prompt gives a pair."""
     config = cfg.model_dump()
     inputs = {"judgments": judgments.sha256}
     out = output_dir(work_dir, "pair", inputs, config)

@@ -57,7 +57,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def alpaca_score_command(args) -> int:
-    from pipeline_lib.cli import UserError
+    from pipeline_lib.errors import UserError
     from pipeline_lib.evaluation.alpaca_eval import load_instruction_difficulty, score_annotations
 
     try:
@@ -102,7 +102,7 @@ def _ratings_table(args) -> pd.DataFrame:
 
 
 def mt_bench_score_command(args) -> int:
-    from pipeline_lib.cli import UserError
+    from pipeline_lib.errors import UserError
     from pipeline_lib.evaluation.mt_bench import aggregate, category_chart
 
     try:

@@ -1,9 +1,11 @@
-"""Off-policy preference data: an existing ``prompt`` / ``chosen`` / ``rejected`` dataset as a pairs table.
+"""The dataset-pairs stage (off-policy data): an existing ``prompt`` / ``chosen`` / ``rejected`` dataset as a
+pairs table.
 
 Most preference data is off-policy (WPO, Zhou et al. 2024, Sec. 1): responses written by other models and ranked
 by people or a judge. This module turns such a dataset (Hugging Face hub or a local JSONL / CSV / Parquet file) into
-the pairs table of ``pipeline_lib.pairs``, so a round can skip collect/annotate/pair entirely (pure off-policy DPO,
-or WPO, whose weights re-weight exactly this kind of data), or feed a hybrid round (``pipeline_lib.hybrid``).
+the pairs table of the pair stage (``stages/pair.py``), so a round can skip collect/annotate/pair entirely (pure
+off-policy DPO, or WPO, whose weights re-weight exactly this kind of data), or feed a hybrid round
+(``stages/hybrid_*.py``).
 
 Accepted row forms (``docs/data_sources.md``):
 - plain text: ``prompt`` str, ``chosen`` str, ``rejected`` str;
@@ -176,7 +178,7 @@ def load_preference_pairs(options: _PairSetOptions, tokenizer) -> tuple[pd.DataF
     return _select(rows, records, options, tokenizer)
 
 
-def make_dataset_pairs(options: _PairSetOptions, policy: Any, work_dir: str | Path) -> ArtifactRef:
+def run(options: _PairSetOptions, policy: Any, work_dir: str | Path) -> ArtifactRef:
     """The dataset-pairs stage: a pairs artifact from an off-policy dataset. ``policy`` (a ResolvedModel) provides
     the tokenizer whose chat template renders the prompts. Every row is validated before the tokenizer is loaded,
     and nothing is written when a row is bad."""
