@@ -6,12 +6,13 @@ holds the stage's ``metrics``, its generation config or judge identity, and the 
 of its own, ``alpaca-eval-set`` / ``mt-bench-questions``, so the data is logged to MLflow with its digest).
 
 Stages:
-- :func:`alpaca_generate`: one greedy-or-sampled output per AlpacaEval instruction (chat template applied).
+- :func:`generate_benchmarks`, from the evaluation data :func:`load_alpaca_set` / :func:`load_mt_bench_set` wrote:
+  one greedy-or-sampled output per AlpacaEval instruction (chat template applied), and the MT-Bench answers in two
+  turns, turn 2 with turn 1's question and the model's own answer in context, at FastChat's per-category
+  temperature (0 = greedy).
 - :func:`alpaca_annotate`: the judge's pairwise protocol, model output vs the eval set's reference ``output``;
   AlpacaEval's preference on its 1-2 scale is ``1 + P(model > reference)`` (the reference is output_1, the model
   output_2), then :func:`~pipeline_lib.evaluation.alpaca_eval.score_annotations`.
-- :func:`mt_bench_generate`: two turns, turn 2 with turn 1's question and the model's own answer in context, at
-  FastChat's per-category temperature (0 = greedy).
 - :func:`mt_bench_judge`: single-answer grading per (question, turn), reference-guided for math, reasoning and
   coding, aggregated per turn / category / overall with invalid counts, and the per-category chart (PNG) written
   next to the artifact (``<artifact dir>.categories.png``).
@@ -211,23 +212,6 @@ def generate_benchmarks(model: ResolvedModel, work_dir, *, alpaca: tuple[Artifac
 
 def _model_info(model: ResolvedModel) -> dict:
     return {"ref": model.ref, "path": model.path, "sha256": model.sha256}
-
-
-def alpaca_generate(model: ResolvedModel, eval_set_path: str | None, subset: int | None, gen_cfg: GenerationConfig,
-                    work_dir, *, subset_seed: int = 0, quiet: bool = False) -> ArtifactRef:
-    """The model's outputs for the AlpacaEval instructions (one vLLM worker call per sampling config)."""
-    eval_ref = load_alpaca_set(eval_set_path, subset, subset_seed, work_dir)
-    return generate_benchmarks(model, work_dir, alpaca=(eval_ref, gen_cfg), quiet=quiet)["alpaca_eval"]
-
-
-def mt_bench_generate(model: ResolvedModel, questions_path: str | None, n_questions: int | None, work_dir, *,
-                      question_ids: Sequence[int] | None = None, max_tokens: int = mtb.MAX_NEW_TOKENS,
-                      seed: int = 0, subset_seed: int = 0, kv_cache_gib: float = 1.0,
-                      quiet: bool = False) -> ArtifactRef:
-    """Two-turn MT-Bench answers at FastChat's per-category temperatures (0 = greedy)."""
-    q_ref = load_mt_bench_set(questions_path, n_questions, work_dir, question_ids, subset_seed)
-    return generate_benchmarks(model, work_dir, mt_bench=(q_ref, max_tokens, seed, kv_cache_gib),
-                               quiet=quiet)["mt_bench"]
 
 
 # -- judging --------------------------------------------------------------------------------------------------------
