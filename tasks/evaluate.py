@@ -76,7 +76,7 @@ def mt_bench_judge_task(answers: ArtifactRef, questions: ArtifactRef, judge: dic
     man = read_manifest(ref.path)
     run_id = ctx.record("mt_bench-judge", {"answers": answers, "eval_data": questions}, {"ratings": ref},
                         {"judge": man["judge"], "reference_answers": man["reference_answers"]})
-    RoundLineage(ctx.tracking_uri, ctx.experiment).c.log_artifact(run_id, man["chart"]["path"], "charts")
+    RoundLineage(ctx.tracking_uri, ctx.experiment).client.log_artifact(run_id, man["chart"]["path"], "charts")
     return ref
 
 

@@ -78,14 +78,14 @@ def log_round_charts(lineage, run_id: str, *, pairs: ArtifactRef | None = None,
     task run) publish them as the markdown artifact ``round-charts``. ``lineage``: a ``RoundLineage``. With
     ``campaign``, the trend covers the campaign's rounds logged so far (call after ``finish_round``, so this round's
     before/after metrics are in). Returns {file name: MLflow artifact path}."""
-    rows = campaign_trend_rows(lineage.c, lineage.experiment_id, campaign) if campaign else None
+    rows = campaign_trend_rows(lineage.client, lineage.experiment_id, campaign) if campaign else None
     pngs = round_charts(pairs=pairs, checkpoint=checkpoint, trend_rows=rows)
     logged = {}
     with tempfile.TemporaryDirectory(prefix="alignflow-charts-") as tmp:
         for name, data in pngs.items():
             path = Path(tmp) / name
             path.write_bytes(data)
-            lineage.c.log_artifact(run_id, str(path), artifact_path="charts")
+            lineage.client.log_artifact(run_id, str(path), artifact_path="charts")
             logged[name] = f"charts/{name}"
     if pngs and prefect_artifact and _in_prefect_run():
         from prefect.artifacts import create_markdown_artifact
