@@ -40,9 +40,9 @@ import pandas as pd
 from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, sha256_file, write_table
 from pipeline_lib.evaluation import alpaca_eval as ae
 from pipeline_lib.evaluation import mt_bench as mtb
-from pipeline_lib.evaluation.bench_config import GenerationConfig, judge_options, shared_mt_bench_file
+from pipeline_lib.evaluation.bench_config import GenerationConfig, protocol_judge, shared_mt_bench_file
 from pipeline_lib.generation.requests import GREEDY_BELOW, SamplingKey, run_requests
-from pipeline_lib.judges.base import Item, build_judge
+from pipeline_lib.judges.base import Item, JudgeOptions, build_judge
 from pipeline_lib.judges.batching import judge_in_chunks
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.report.progress import Progress
@@ -215,12 +215,15 @@ def _model_info(model: ResolvedModel) -> dict:
 
 
 # -- judging --------------------------------------------------------------------------------------------------------
-def alpaca_annotate(outputs_ref: ArtifactRef, judge_cfg: Mapping[str, Any], work_dir,
+def alpaca_annotate(outputs_ref: ArtifactRef, judge_cfg: JudgeOptions | Mapping[str, Any], work_dir,
                     instruction_difficulty: str | None = None, quiet: bool = False) -> ArtifactRef:
     """The judge's pairwise verdicts, model output vs reference, on AlpacaEval's scale (preference = 1 + P(model >
-    reference)), and the leaderboard metrics (win rate, LC win rate, ...) in the manifest."""
-    cfg = judge_options(judge_cfg, "alpaca_eval")
-    judge = build_judge(cfg)
+    reference)), and the leaderboard metrics (win rate, LC win rate, ...) in the manifest. ``judge_cfg``: the
+    judge's options for the ``alpaca_eval`` protocol (``bench_config.protocol_judge``), or the evaluation's judge
+    config, from which they are derived here."""
+    if not isinstance(judge_cfg, JudgeOptions):
+        judge_cfg = protocol_judge(judge_cfg, "alpaca_eval")
+    judge = build_judge(judge_cfg)
     gamma_src = instruction_difficulty or f"hub:{ae.HUB_REPO}/{ae.DIFFICULTY_FILE}"
     gamma_sha = sha256_file(Path(instruction_difficulty)) if instruction_difficulty else gamma_src
     try:
@@ -253,15 +256,19 @@ def alpaca_annotate(outputs_ref: ArtifactRef, judge_cfg: Mapping[str, Any], work
                                              "instruction_difficulty": {"source": gamma_src, "sha256": gamma_sha}})
 
 
-def mt_bench_judge(answers_ref: ArtifactRef, judge_cfg: Mapping[str, Any], reference_answers_path: str | None,
-                   judge_prompts_path: str | None, work_dir, quiet: bool = False) -> ArtifactRef:
+def mt_bench_judge(answers_ref: ArtifactRef, judge_cfg: JudgeOptions | Mapping[str, Any],
+                   reference_answers_path: str | None, judge_prompts_path: str | None, work_dir,
+                   quiet: bool = False) -> ArtifactRef:
     """Single-answer ratings per (question, turn), aggregated per turn / category / overall (invalid ratings
-    counted), with the per-category chart next to the artifact."""
+    counted), with the per-category chart next to the artifact. ``judge_cfg``: the judge's options for the
+    ``mt_bench`` protocol (with its judge-prompts file), or the evaluation's judge config, from which they are
+    derived here with ``judge_prompts_path`` (default: the shared copy)."""
     ref_path = reference_answers_path or shared_mt_bench_file("reference_answer_gpt-4.jsonl")
-    prompts_path = judge_prompts_path or shared_mt_bench_file("judge_prompts.jsonl")
-    cfg = judge_options(judge_cfg, "mt_bench", prompts_path)
+    if not isinstance(judge_cfg, JudgeOptions):
+        prompts_path = judge_prompts_path or shared_mt_bench_file("judge_prompts.jsonl")
+        judge_cfg = protocol_judge(judge_cfg, "mt_bench", prompts_path)
     references = mtb.load_reference_answers(ref_path)
-    judge = build_judge(cfg)
+    judge = build_judge(judge_cfg)
     try:
         identity = judge.identity()
         config = {"judge": identity}
