@@ -60,13 +60,13 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
     judge = dict(judge or config.judge)
     prompts = config.mt_bench.judge_prompts or (bc.shared_mt_bench_file("judge_prompts.jsonl")
                                                  if "mt_bench" in benchmarks else None)
-    # bad options fail before any model
-    judge_cfgs = {b: bc.judge_options(judge, b, prompts) for b in benchmarks if b in bc.JUDGED}
+    # each judged benchmark's typed judge options (its protocol); bad options fail before any model
+    judges = {b: bc.protocol_judge(judge, b, prompts) for b in benchmarks if b in bc.JUDGED}
     work_dir = str(Path(config.run.work_dir).resolve())
     t = StageTasks.in_work_dir(work_dir)
     lineage = RoundLineage(config.run.mlflow_tracking_uri, config.run.experiment)
     model = resolve_model_task(model_ref)
-    judge_id = {b: build_judge(c).identity() for b, c in judge_cfgs.items()}
+    judge_id = {b: build_judge(options).identity() for b, options in judges.items()}
     key = sha256_json({"model": model.sha256, "benchmarks": benchmarks, "judge": judge_id,
                        "config": config.model_dump(exclude={"run", "judge", "tensor_parallel_size"})})[:20]
     parent = lineage.start_round(key, f"evaluate {model.ref}", {**config.model_dump(exclude={"judge"}),
@@ -88,7 +88,8 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
                                "benchmarks": {}}
     parent_metrics: dict[str, float] = {}
     if "alpaca_eval" in benchmarks:
-        ann = t.alpaca_annotate(outputs["alpaca_eval"], data["alpaca_eval"], judge, config.alpaca_eval, ctx)
+        ann = t.alpaca_annotate(outputs["alpaca_eval"], data["alpaca_eval"], judges["alpaca_eval"],
+                                config.alpaca_eval, ctx)
         m = read_manifest(ann.path)["metrics"]
         summary["benchmarks"]["alpaca_eval"] = {"metrics": m, "outputs": outputs["alpaca_eval"].path,
                                                 "annotations": ann.path}
@@ -96,7 +97,7 @@ def evaluate_model(model_ref: str, benchmarks: list[bc.Benchmark] | None = None,
         create_table_artifact(key="alpaca-eval-summary", table=bm.summary_rows({"metrics": m}, ALPACA_KEYS),
                               description=f"AlpacaEval 2 of {model.ref} ({m['n_total']} instructions)")
     if "mt_bench" in benchmarks:
-        rat = t.mt_bench_judge(outputs["mt_bench"], data["mt_bench"], judge, config.mt_bench, ctx)
+        rat = t.mt_bench_judge(outputs["mt_bench"], data["mt_bench"], judges["mt_bench"], config.mt_bench, ctx)
         man = read_manifest(rat.path)
         m = man["metrics"]
         summary["benchmarks"]["mt_bench"] = {"metrics": m, "answers": outputs["mt_bench"].path, "ratings": rat.path,

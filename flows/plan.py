@@ -125,8 +125,9 @@ def describe_models(config: RoundConfig) -> list[tuple[str, str, str]]:
     refs = [("policy", config.policy)]
     if config.train.reference == "initial" and config.initial_policy:
         refs.append(("reference", config.initial_policy))
-    if config.judge.get("model"):
-        refs.append(("judge", str(config.judge["model"])))
+    judge_model = getattr(config.judge, "model", None)  # the judges that load a model have this option
+    if judge_model:
+        refs.append(("judge", str(judge_model)))
     out = []
     for role, ref in refs:
         if ref.startswith("models:/"):
@@ -137,8 +138,8 @@ def describe_models(config: RoundConfig) -> list[tuple[str, str, str]]:
         else:
             m, note = locate(ref)
         out.append((role, ref, f"{note} (sha256 {m.short})" if m else note))
-    if not config.judge.get("model"):
-        out.append(("judge", str(config.judge.get("kind")), "no model to load"))
+    if not judge_model:
+        out.append(("judge", config.judge.kind, "no model to load"))
     return out
 
 

@@ -121,7 +121,7 @@ def finish_round_run(lineage: RoundLineage, parent: str, summary: dict[str, Any]
     summary["stage_s"] = stage_s
     summary["overhead_share"] = 1.0 - stage_s / summary["wall_s"] if stage_s else float("nan")
     # What the round cost, stage by stage, from the stage runs' cost.* metrics (pipeline_lib/cost)
-    summary["cost"] = round_cost(lineage.c, lineage.experiment_id, parent, flow_run_id(),
+    summary["cost"] = round_cost(lineage.client, lineage.experiment_id, parent, flow_run_id(),
                                  cached_stages(flow_run_id()))
     promoted, reason = summary["promoted"], summary["promotion_reason"]
     # cached stages log no run: the report finds producers by the alignflow.artifact.* tags

@@ -37,6 +37,7 @@ from prefect import flow
 
 from pipeline_lib.artifacts import ArtifactRef
 from pipeline_lib.errors import ConfigError
+from pipeline_lib.judges.base import JUDGES, JudgeOptions
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.scale import ScaleConfig, shard_seed
 from pipeline_lib.stages.collect import CollectConfig
@@ -174,18 +175,16 @@ class ShardedStages:
                       shard=f"{i}/{len(parts)}") for i, (p, seed) in enumerate(zip(parts, seeds))]
         return self._t["merge_generations"](policy, prompts, self._run("collect", calls), cfg, ctx)
 
-    def annotate(self, generations: ArtifactRef, judge: dict[str, Any]) -> ArtifactRef:
-        from pipeline_lib.judges.base import JUDGES, parse_judge_options
-
+    def annotate(self, generations: ArtifactRef, judge: JudgeOptions) -> ArtifactRef:
         n = self.scale.shards_for(generations.rows)
-        if n == 1 or not JUDGES[parse_judge_options(judge).kind].model_based:
+        if n == 1 or not JUDGES[judge.kind].model_based:
             return self.annotate_t(generations, judge, self.ctx)
         ctx = self._phase()
         parts = self._t["split"](generations, n, "prompt_id", ctx)
         calls = [dict(generations=p, judge=judge, ctx=ctx, shard=f"{i}/{len(parts)}") for i, p in enumerate(parts)]
         return self._t["merge_judgments"](generations, self._run("annotate", calls), judge, ctx)
 
-    def evaluate(self, model: ResolvedModel, prompts: ArtifactRef, judge: dict[str, Any], cfg: EvaluateConfig,
+    def evaluate(self, model: ResolvedModel, prompts: ArtifactRef, judge: JudgeOptions, cfg: EvaluateConfig,
                  role: str, tensor_parallel_size: int = 1) -> ArtifactRef:
         if self.scale.shards_for(prompts.rows) == 1:
             return self.evaluate_t(model, prompts, judge, cfg, self.ctx, role=role,

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipeline_lib.errors import ConfigError  # noqa: F401  (raised by load_config; imported from here by callers)
+from pipeline_lib.judges.base import JUDGES
+from pipeline_lib.judges.config import JudgeConfig
+from pipeline_lib.judges.rules.judge import RulesOptions
 from pipeline_lib.methods import MethodConfig, SailOptions, WpoOptions, validate_round
 from pipeline_lib.promotion import PromotionConfig
 from pipeline_lib.prompts.sources import BuiltinPrompts, PromptSource
@@ -55,20 +58,13 @@ class RoundConfig(Section):
     prompts: PromptSource = BuiltinPrompts()
     data: DataConfig = DataConfig()
     collect: CollectConfig = CollectConfig()
-    judge: dict[str, Any] = Field(default_factory=lambda: {"kind": "rules"})
+    judge: JudgeConfig = RulesOptions()
     pairs: PairsConfig = PairsConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promotion: PromotionConfig = PromotionConfig()
     scale: ScaleConfig = ScaleConfig()  # sharded stages and the engine that runs them (pipeline_lib/scale.py)
     run: RunConfig = RunConfig()
-
-    @field_validator("judge")
-    @classmethod
-    def _judge_known(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from pipeline_lib.judges.base import parse_judge_options
-
-        return parse_judge_options(v).model_dump()
 
     @model_validator(mode="after")
     def _consistent(self) -> "RoundConfig":
@@ -130,7 +126,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def format_validation_error(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(str(p) for p in _config_location(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -138,6 +134,13 @@ def format_validation_error(e: ValidationError) -> str:
             loc, msg = ".".join(p for p in (loc, err["ctx"]["path"]) if p), "must be a finite number"
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
+
+
+def _config_location(loc: tuple) -> tuple:
+    """The config keys of an error's location: the judge union's tag (``judge.llm.model``) is not a key."""
+    if len(loc) > 1 and loc[0] == "judge" and loc[1] in JUDGES:
+        return (loc[0], *loc[2:])
+    return loc
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -92,10 +92,10 @@ class RoundLineage:
 
     def __init__(self, tracking_uri: str, experiment: str):
         self.tracking_uri = tracking_uri
-        self.c = client(tracking_uri)
+        self.client = client(tracking_uri)
         with store_lock(tracking_uri):  # two rounds on a fresh store would both create the experiment
-            self.new_experiment = self.c.get_experiment_by_name(experiment) is None  # a new store, for one
-            self.experiment_id = _experiment_id(self.c, experiment, tracking_uri)
+            self.new_experiment = self.client.get_experiment_by_name(experiment) is None  # a new store, for one
+            self.experiment_id = _experiment_id(self.client, experiment, tracking_uri)
 
     def start_round(self, round_key: str, name: str, config: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         """Open (or re-open, after a crash) the parent run of the round identified by ``round_key``."""
@@ -105,18 +105,18 @@ class RoundLineage:
     def _start_round(self, round_key: str, name: str, config: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         from mlflow.entities import Param, RunTag
 
-        found = self.c.search_runs([self.experiment_id], filter_string=f"tags.`{ROUND_KEY}` = '{round_key}'",
-                                   max_results=1, order_by=["attributes.start_time DESC"])
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{ROUND_KEY}` = '{round_key}'",
+                                        max_results=1, order_by=["attributes.start_time DESC"])
         if found:  # a re-run: its tags (e.g. the new flow run id) replace the crashed run's
             run_id = found[0].info.run_id
             if found[0].info.status != "RUNNING":
-                self.c.update_run(run_id, status="RUNNING")
-            self.c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+                self.client.update_run(run_id, status="RUNNING")
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         else:
-            run = self.c.create_run(self.experiment_id, run_name=name, tags={ROUND_KEY: round_key, **tags})
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={ROUND_KEY: round_key, **tags})
             run_id = run.info.run_id
             # one call: the client splits it at MLflow's per-request caps (100 params), one transaction per chunk
-            self.c.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in _flatten(config).items()])
+            self.client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in _flatten(config).items()])
         return run_id
 
     def stage_run(self, parent_id: str, stage: str, inputs: Mapping[str, ArtifactRef],
@@ -126,8 +126,8 @@ class RoundLineage:
         from mlflow.entities import Metric, Param, RunTag
         import time
 
-        run = self.c.create_run(self.experiment_id, run_name=stage,
-                                tags={"mlflow.parentRunId": parent_id, STAGE_TAG: stage, **(tags or {})})
+        run = self.client.create_run(self.experiment_id, run_name=stage,
+                                     tags={"mlflow.parentRunId": parent_id, STAGE_TAG: stage, **(tags or {})})
         rid = run.info.run_id
         now = int(time.time() * 1000)
         params = [Param(k, v[:6000]) for k, v in _flatten(config).items()]
@@ -136,10 +136,10 @@ class RoundLineage:
             step = int(row.get("step", 0))
             mets += [Metric(k.replace("/", "_"), float(v), now, step) for k, v in row.items()
                      if k != "step" and _is_number(v)]
-        self.c.log_batch(rid, metrics=mets, params=params,  # the client splits at MLflow's per-request caps
+        self.client.log_batch(rid, metrics=mets, params=params,  # the client splits at MLflow's per-request caps
                          tags=[RunTag(f"output.{k}", r.sha256) for k, r in outputs.items()])
-        log_artifacts_io(self.c, rid, inputs, outputs)
-        self.c.set_terminated(rid, "FINISHED")
+        log_artifacts_io(self.client, rid, inputs, outputs)
+        self.client.set_terminated(rid, "FINISHED")
         return rid
 
     def register_checkpoint(self, run_id: str, model: ArtifactRef, registered_name: str, alias: str,
@@ -153,24 +153,26 @@ class RoundLineage:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.c.get_registered_model(registered_name)
+            self.client.get_registered_model(registered_name)
         except MlflowException:
-            self.c.create_registered_model(registered_name)
-        existing = self.c.search_model_versions(f"name = '{registered_name}' and tag.`{SHA_TAG}` = '{model.sha256}'")
+            self.client.create_registered_model(registered_name)
+        existing = self.client.search_model_versions(
+            f"name = '{registered_name}' and tag.`{SHA_TAG}` = '{model.sha256}'")
         if existing:
             version = existing[0].version
         else:
             path = os.path.abspath(model.path)
-            mv = self.c.create_model_version(registered_name, source=path, run_id=run_id,
-                                             tags={PATH_TAG: path, SHA_TAG: model.sha256, **(tags or {})})
+            mv = self.client.create_model_version(registered_name, source=path, run_id=run_id,
+                                                  tags={PATH_TAG: path, SHA_TAG: model.sha256, **(tags or {})})
             version = mv.version
-        self.c.set_registered_model_alias(registered_name, alias, version)
+        self.client.set_registered_model_alias(registered_name, alias, version)
         return str(version)
 
     def stage_seconds(self, parent_id: str, flow_run_id: str) -> float:
         """Total ``stage_s`` of the stage runs that this flow run logged under the round (cache hits log none)."""
-        runs = self.c.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and "
-                                                                      f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        runs = self.client.search_runs([self.experiment_id],
+                                       filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                                     f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
         return float(sum(r.data.metrics.get("stage_s", 0.0) for r in runs))
 
     def alias_version(self, registered_name: str, alias: str):
@@ -178,12 +180,12 @@ class RoundLineage:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.c.get_model_version_by_alias(registered_name, alias)
+            return self.client.get_model_version_by_alias(registered_name, alias)
         except MlflowException:
             return None
 
     def set_alias(self, registered_name: str, alias: str, version: str) -> None:
-        self.c.set_registered_model_alias(registered_name, alias, version)
+        self.client.set_registered_model_alias(registered_name, alias, version)
 
     def seed_champion(self, run_id: str, seed: ArtifactRef, registered_name: str, work_dir: str | Path | None = None):
         """The champion's model version; when there is none, ``seed`` is registered as the champion first. Checked
@@ -215,9 +217,10 @@ class RoundLineage:
         import time
 
         now = int(time.time() * 1000)
-        self.c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _is_number(v)],
-                         tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
-        self.c.set_terminated(run_id, status)
+        self.client.log_batch(run_id,
+                              metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _is_number(v)],
+                              tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+        self.client.set_terminated(run_id, status)
 
 
 def _is_number(v: Any) -> bool:

@@ -41,7 +41,6 @@ def _never(m: "MethodConfig") -> bool:
 class LossSpec:
     fn: Callable[..., tuple[Tensor, dict]]
     aggregation: Literal["sum", "mean"] = "sum"  # how per-token log-probs become the *_seq inputs
-    needs_reference: bool = True  # uses ref_*_seq (all current losses do)
     columns: tuple[str, ...] = ()  # per-example dataset columns passed to ``fn`` as keyword tensors
     options: tuple[str, ...] = ()  # MethodConfig fields passed to ``fn`` (besides beta)
     needs_order: Callable[["MethodConfig"], bool] = _always  # relies on a judge's chosen/rejected order
@@ -127,9 +126,6 @@ REFERENCE_SPECS: dict[str, ReferenceSpec] = {
         "reference adapter is the sampler's), but a dataset's responses were not sampled by this round's policy, "
         "which the stage would use as the reference: the run would be plain DPO under BPO's name"),
 }
-REFERENCES = tuple(REFERENCE_SPECS)
-WEIGHTINGS = ("none", "wpo")
-OPTIMIZERS = ("adamw", "rmsprop")
 
 
 def _producers(columns: set[str]) -> str:
@@ -138,10 +134,10 @@ def _producers(columns: set[str]) -> str:
 
 def validate_method(m: "MethodConfig") -> None:
     """Reject switches that conflict among themselves, naming the keys and the reason (ValueError)."""
-    for key, value, known in (("train.loss", m.loss, tuple(LOSSES)), ("train.weighting", m.weighting, WEIGHTINGS),
-                              ("train.reference", m.reference, REFERENCES), ("pairs.strategy", m.pairs, PAIRS)):
-        if value not in known:
-            raise ValueError(f"{key}: unknown value {value!r}; known: {', '.join(known)}")
+    # loss is the one free-text switch; weighting, reference and pairs are Literal fields, checked by pydantic
+    # before this runs (validate_method is MethodConfig's after-validator)
+    if m.loss not in LOSSES:
+        raise ValueError(f"train.loss: unknown value {m.loss!r}; known: {', '.join(LOSSES)}")
     spec = LOSSES[m.loss]
     if spec.references is not None and m.reference not in spec.references:
         raise ValueError(f"train.loss={m.loss} with train.reference={m.reference}: {spec.reference_why}; set "

@@ -7,14 +7,13 @@ that read it, with its sha256 digest. Judges are recorded by ``judge.identity()`
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import task
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest
 from pipeline_lib.evaluation import bench_config as bc
 from pipeline_lib.evaluation import benchmarks as bm
 from pipeline_lib.evaluation import ifeval as ife
+from pipeline_lib.judges.base import JudgeOptions
 from pipeline_lib.models import ResolvedModel
 from tasks.common import RoundContext, gpu_slot, task_options
 
@@ -54,7 +53,7 @@ def generate_task(model: ResolvedModel, data: dict[str, ArtifactRef], a: bc.Alpa
 
 
 @task(**task_options("alpaca-annotate"))
-def alpaca_annotate_task(outputs: ArtifactRef, eval_set: ArtifactRef, judge: dict[str, Any],
+def alpaca_annotate_task(outputs: ArtifactRef, eval_set: ArtifactRef, judge: JudgeOptions,
                          cfg: bc.AlpacaEvalConfig, ctx: RoundContext) -> ArtifactRef:
     """Pairwise verdicts against the reference outputs; AlpacaEval 2 metrics in the manifest."""
     ref = bm.alpaca_annotate(outputs, judge, ctx.work_dir, cfg.instruction_difficulty, quiet=ctx.quiet)
@@ -65,7 +64,7 @@ def alpaca_annotate_task(outputs: ArtifactRef, eval_set: ArtifactRef, judge: dic
 
 
 @task(**task_options("mt-bench-judge"))
-def mt_bench_judge_task(answers: ArtifactRef, questions: ArtifactRef, judge: dict[str, Any],
+def mt_bench_judge_task(answers: ArtifactRef, questions: ArtifactRef, judge: JudgeOptions,
                         cfg: bc.MTBenchConfig, ctx: RoundContext) -> ArtifactRef:
     """Single-answer ratings per turn; scores per turn / category / overall; the category chart as an MLflow
     artifact of the stage's run."""
@@ -76,7 +75,7 @@ def mt_bench_judge_task(answers: ArtifactRef, questions: ArtifactRef, judge: dic
     man = read_manifest(ref.path)
     run_id = ctx.record("mt_bench-judge", {"answers": answers, "eval_data": questions}, {"ratings": ref},
                         {"judge": man["judge"], "reference_answers": man["reference_answers"]})
-    RoundLineage(ctx.tracking_uri, ctx.experiment).c.log_artifact(run_id, man["chart"]["path"], "charts")
+    RoundLineage(ctx.tracking_uri, ctx.experiment).client.log_artifact(run_id, man["chart"]["path"], "charts")
     return ref
 
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from prefect import task
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest
+from pipeline_lib.judges.base import JudgeOptions
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.scale import merge_generations, merge_judgments, merge_responses, split_table
 from pipeline_lib.stages import annotate, collect, evaluate
@@ -65,12 +66,12 @@ def collect_shard_task(policy: ResolvedModel, prompts: ArtifactRef, cfg: Collect
 
 
 @task(**{**task_options("annotate-shard"), "task_run_name": "annotate-{shard}"})
-def annotate_shard_task(generations: ArtifactRef, judge: dict[str, Any], ctx: ShardContext, shard: str) -> ArtifactRef:
+def annotate_shard_task(generations: ArtifactRef, judge: JudgeOptions, ctx: ShardContext, shard: str) -> ArtifactRef:
     """Score the samples of one shard's prompts with the judge."""
     with gpu_slot(ctx.gpu_limit):
         ref = annotate.run(generations, judge, ctx.work_dir, quiet=ctx.quiet)
-    _record(ctx, f"annotate-{_shard_name(shard)}", {"generations": generations}, {"judgments": ref}, judge,
-            {"shard_s": _elapsed_in_task()})
+    _record(ctx, f"annotate-{_shard_name(shard)}", {"generations": generations}, {"judgments": ref},
+            judge.model_dump(), {"shard_s": _elapsed_in_task()})
     return ref
 
 
@@ -101,12 +102,12 @@ def merge_generations_task(policy: ResolvedModel, prompts: ArtifactRef, shards: 
 
 
 @task(**task_options("merge-judgments"))
-def merge_judgments_task(generations: ArtifactRef, shards: list[ArtifactRef], judge: dict[str, Any],
+def merge_judgments_task(generations: ArtifactRef, shards: list[ArtifactRef], judge: JudgeOptions,
                          ctx: ShardContext) -> ArtifactRef:
     """The annotate stage's output over all shards, in the generations' order (``judge``: for the cache key)."""
     ref = merge_judgments(shards, generations, ctx.work_dir)
-    _record(ctx, "annotate", {"generations": generations}, {"judgments": ref}, {**judge, "shards": len(shards)},
-            _phase_s(ctx))
+    _record(ctx, "annotate", {"generations": generations}, {"judgments": ref},
+            {**judge.model_dump(), "shards": len(shards)}, _phase_s(ctx))
     return ref
 
 
@@ -120,7 +121,7 @@ def merge_responses_task(model: ResolvedModel, prompts: ArtifactRef, shards: lis
 
 @task(**task_options("evaluate-responses"))
 def evaluate_responses_task(model: ResolvedModel, prompts: ArtifactRef, responses: ArtifactRef,
-                            judge: dict[str, Any], cfg: EvaluateConfig, ctx: ShardContext,
+                            judge: JudgeOptions, cfg: EvaluateConfig, ctx: ShardContext,
                             role: str = "policy") -> ArtifactRef:
     """The judging half of the evaluation on merged responses; metrics in the artifact's manifest."""
     ref = evaluate.run(model, prompts, judge, cfg, ctx.work_dir, quiet=ctx.quiet, responses=responses)

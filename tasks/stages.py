@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib.artifacts import ArtifactRef
+from pipeline_lib.judges.base import JudgeOptions
 from pipeline_lib.methods import MethodConfig
 from pipeline_lib.models import ResolvedModel, resolve
 from pipeline_lib.report.progress import Progress
@@ -49,10 +50,10 @@ def collect_task(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig
 
 
 @task(**task_options("annotate"))
-def annotate_task(generations: ArtifactRef, judge: dict[str, Any], ctx: RoundContext) -> ArtifactRef:
+def annotate_task(generations: ArtifactRef, judge: JudgeOptions, ctx: RoundContext) -> ArtifactRef:
     """Score every sample with the judge."""
     ref = annotate.run(generations, judge, ctx.work_dir, quiet=ctx.quiet)
-    ctx.record("annotate", {"generations": generations}, {"judgments": ref}, judge)
+    ctx.record("annotate", {"generations": generations}, {"judgments": ref}, judge.model_dump())
     return ref
 
 
@@ -111,7 +112,7 @@ def train_task(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, meth
 
 
 @task(**task_options("evaluate"))
-def evaluate_task(model: ResolvedModel, prompts: ArtifactRef, judge: dict[str, Any], cfg: EvaluateConfig,
+def evaluate_task(model: ResolvedModel, prompts: ArtifactRef, judge: JudgeOptions, cfg: EvaluateConfig,
                   ctx: RoundContext, role: str = "policy", tensor_parallel_size: int = 1) -> ArtifactRef:
     """Greedy responses on held-out prompts, judged; metrics in the artifact's manifest."""
     with gpu_slot(ctx.gpu_limit):

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline_lib.evaluation import mt_bench as mtb
 from pipeline_lib.evaluation.ifeval import IFEvalOptions
+from pipeline_lib.judges.base import JudgeOptions, parse_judge_options
 from pipeline_lib.sections import RunConfig, Section
 
 BENCHMARKS = ("alpaca_eval", "mt_bench", "ifeval")
@@ -81,8 +82,6 @@ def judge_options(judge_cfg: Mapping[str, Any], protocol: str, judge_prompts: st
     """The judge config for one benchmark's protocol: ``alpaca_eval`` (pairwise) or ``mt_bench`` (ratings, with the
     judge-prompts file); options of the other protocol are dropped. ValueError naming the key when it is no llm
     judge or its options are invalid."""
-    from pipeline_lib.judges.base import parse_judge_options
-
     if not judge_cfg:
         raise ValueError("judge: required (an LLM judge: kind: llm, model, base_url or backend: vllm)")
     if judge_cfg.get("kind") != "llm":
@@ -94,6 +93,11 @@ def judge_options(judge_cfg: Mapping[str, Any], protocol: str, judge_prompts: st
         cfg["judge_prompts"] = judge_prompts
     parse_judge_options(cfg)  # validates, naming the bad key
     return cfg
+
+
+def protocol_judge(judge_cfg: Mapping[str, Any], protocol: str, judge_prompts: str | None = None) -> JudgeOptions:
+    """``judge_options`` parsed: the typed options a benchmark stage builds its judge from."""
+    return parse_judge_options(judge_options(judge_cfg, protocol, judge_prompts))
 
 
 def shared_mt_bench_file(name: str) -> str:

@@ -6,12 +6,13 @@ holds the stage's ``metrics``, its generation config or judge identity, and the 
 of its own, ``alpaca-eval-set`` / ``mt-bench-questions``, so the data is logged to MLflow with its digest).
 
 Stages:
-- :func:`alpaca_generate`: one greedy-or-sampled output per AlpacaEval instruction (chat template applied).
+- :func:`generate_benchmarks`, from the evaluation data :func:`load_alpaca_set` / :func:`load_mt_bench_set` wrote:
+  one greedy-or-sampled output per AlpacaEval instruction (chat template applied), and the MT-Bench answers in two
+  turns, turn 2 with turn 1's question and the model's own answer in context, at FastChat's per-category
+  temperature (0 = greedy).
 - :func:`alpaca_annotate`: the judge's pairwise protocol, model output vs the eval set's reference ``output``;
   AlpacaEval's preference on its 1-2 scale is ``1 + P(model > reference)`` (the reference is output_1, the model
   output_2), then :func:`~pipeline_lib.evaluation.alpaca_eval.score_annotations`.
-- :func:`mt_bench_generate`: two turns, turn 2 with turn 1's question and the model's own answer in context, at
-  FastChat's per-category temperature (0 = greedy).
 - :func:`mt_bench_judge`: single-answer grading per (question, turn), reference-guided for math, reasoning and
   coding, aggregated per turn / category / overall with invalid counts, and the per-category chart (PNG) written
   next to the artifact (``<artifact dir>.categories.png``).
@@ -39,9 +40,9 @@ import pandas as pd
 from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, sha256_file, write_table
 from pipeline_lib.evaluation import alpaca_eval as ae
 from pipeline_lib.evaluation import mt_bench as mtb
-from pipeline_lib.evaluation.bench_config import GenerationConfig, judge_options, shared_mt_bench_file
+from pipeline_lib.evaluation.bench_config import GenerationConfig, protocol_judge, shared_mt_bench_file
 from pipeline_lib.generation.requests import GREEDY_BELOW, SamplingKey, run_requests
-from pipeline_lib.judges.base import Item, build_judge
+from pipeline_lib.judges.base import Item, JudgeOptions, build_judge
 from pipeline_lib.judges.batching import judge_in_chunks
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.report.progress import Progress
@@ -213,30 +214,16 @@ def _model_info(model: ResolvedModel) -> dict:
     return {"ref": model.ref, "path": model.path, "sha256": model.sha256}
 
 
-def alpaca_generate(model: ResolvedModel, eval_set_path: str | None, subset: int | None, gen_cfg: GenerationConfig,
-                    work_dir, *, subset_seed: int = 0, quiet: bool = False) -> ArtifactRef:
-    """The model's outputs for the AlpacaEval instructions (one vLLM worker call per sampling config)."""
-    eval_ref = load_alpaca_set(eval_set_path, subset, subset_seed, work_dir)
-    return generate_benchmarks(model, work_dir, alpaca=(eval_ref, gen_cfg), quiet=quiet)["alpaca_eval"]
-
-
-def mt_bench_generate(model: ResolvedModel, questions_path: str | None, n_questions: int | None, work_dir, *,
-                      question_ids: Sequence[int] | None = None, max_tokens: int = mtb.MAX_NEW_TOKENS,
-                      seed: int = 0, subset_seed: int = 0, kv_cache_gib: float = 1.0,
-                      quiet: bool = False) -> ArtifactRef:
-    """Two-turn MT-Bench answers at FastChat's per-category temperatures (0 = greedy)."""
-    q_ref = load_mt_bench_set(questions_path, n_questions, work_dir, question_ids, subset_seed)
-    return generate_benchmarks(model, work_dir, mt_bench=(q_ref, max_tokens, seed, kv_cache_gib),
-                               quiet=quiet)["mt_bench"]
-
-
 # -- judging --------------------------------------------------------------------------------------------------------
-def alpaca_annotate(outputs_ref: ArtifactRef, judge_cfg: Mapping[str, Any], work_dir,
+def alpaca_annotate(outputs_ref: ArtifactRef, judge_cfg: JudgeOptions | Mapping[str, Any], work_dir,
                     instruction_difficulty: str | None = None, quiet: bool = False) -> ArtifactRef:
     """The judge's pairwise verdicts, model output vs reference, on AlpacaEval's scale (preference = 1 + P(model >
-    reference)), and the leaderboard metrics (win rate, LC win rate, ...) in the manifest."""
-    cfg = judge_options(judge_cfg, "alpaca_eval")
-    judge = build_judge(cfg)
+    reference)), and the leaderboard metrics (win rate, LC win rate, ...) in the manifest. ``judge_cfg``: the
+    judge's options for the ``alpaca_eval`` protocol (``bench_config.protocol_judge``), or the evaluation's judge
+    config, from which they are derived here."""
+    if not isinstance(judge_cfg, JudgeOptions):
+        judge_cfg = protocol_judge(judge_cfg, "alpaca_eval")
+    judge = build_judge(judge_cfg)
     gamma_src = instruction_difficulty or f"hub:{ae.HUB_REPO}/{ae.DIFFICULTY_FILE}"
     gamma_sha = sha256_file(Path(instruction_difficulty)) if instruction_difficulty else gamma_src
     try:
@@ -269,15 +256,19 @@ def alpaca_annotate(outputs_ref: ArtifactRef, judge_cfg: Mapping[str, Any], work
                                              "instruction_difficulty": {"source": gamma_src, "sha256": gamma_sha}})
 
 
-def mt_bench_judge(answers_ref: ArtifactRef, judge_cfg: Mapping[str, Any], reference_answers_path: str | None,
-                   judge_prompts_path: str | None, work_dir, quiet: bool = False) -> ArtifactRef:
+def mt_bench_judge(answers_ref: ArtifactRef, judge_cfg: JudgeOptions | Mapping[str, Any],
+                   reference_answers_path: str | None, judge_prompts_path: str | None, work_dir,
+                   quiet: bool = False) -> ArtifactRef:
     """Single-answer ratings per (question, turn), aggregated per turn / category / overall (invalid ratings
-    counted), with the per-category chart next to the artifact."""
+    counted), with the per-category chart next to the artifact. ``judge_cfg``: the judge's options for the
+    ``mt_bench`` protocol (with its judge-prompts file), or the evaluation's judge config, from which they are
+    derived here with ``judge_prompts_path`` (default: the shared copy)."""
     ref_path = reference_answers_path or shared_mt_bench_file("reference_answer_gpt-4.jsonl")
-    prompts_path = judge_prompts_path or shared_mt_bench_file("judge_prompts.jsonl")
-    cfg = judge_options(judge_cfg, "mt_bench", prompts_path)
+    if not isinstance(judge_cfg, JudgeOptions):
+        prompts_path = judge_prompts_path or shared_mt_bench_file("judge_prompts.jsonl")
+        judge_cfg = protocol_judge(judge_cfg, "mt_bench", prompts_path)
     references = mtb.load_reference_answers(ref_path)
-    judge = build_judge(cfg)
+    judge = build_judge(judge_cfg)
     try:
         identity = judge.identity()
         config = {"judge": identity}

@@ -6,9 +6,9 @@ A judge implements what it can natively; the base class fills in the rest:
   mean win probability of each candidate against the others of the same prompt.
 
 Judges register by kind (``@register_judge("rules")``; importing this module runs ``pipeline_lib/judges/__init__.py``
-first, which imports every judge module, so they are all registered) and are built from the config's ``judge``
-mapping (``{"kind": "rules", ...options}``) by :func:`build_judge`; unknown kinds and options fail when the config
-loads.
+first, which imports every judge module, so they are all registered) and are built by :func:`build_judge` from their
+options: the config's typed ``judge`` section (``judges/config.py``), or a mapping (``{"kind": "rules", ...options}``)
+parsed here. Unknown kinds and options fail when the config loads.
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ class Judge:
     def __init__(self, options: JudgeOptions):
         self.options = options
 
+    @property
+    def native_score(self) -> bool:
+        """Whether this judge scores natively (pointwise); False for a pairwise judge, whose scores are mean win
+        probabilities and whose K x K matrix comes from ``rank``."""
+        return type(self).score is not Judge.score
+
     # -- identity, recorded in lineage and used as the judgment cache key -------------------------------------
     def identity(self) -> dict[str, Any]:
         """What determines this judge's verdicts: kind, options, and (for model judges) the model hash and the
@@ -85,19 +91,25 @@ class Judge:
 
     def rank(self, prompt: str, candidates: Sequence[str], meta: Mapping[str, Any] | None = None) -> np.ndarray:
         """K x K matrix with P(i beats j) at [i, j] and 0.5 on the diagonal."""
-        k = len(candidates)
         if type(self).score is not Judge.score:  # pointwise judge: one batched call, then Bradley-Terry
             s = self.score([Item(prompt, c, meta or {}) for c in candidates])
             return _sigmoid_np(s[:, None] - s[None, :])
-        m = np.full((k, k), 0.5)
-        for i in range(k):
-            for j in range(i + 1, k):
-                p = self.compare(prompt, candidates[i], candidates[j], meta)
-                m[i, j], m[j, i] = p, 1.0 - p
-        return m
+        return pairwise_matrix(len(candidates), lambda pairs: [
+            self.compare(prompt, candidates[i], candidates[j], meta) for i, j in pairs])
 
     def close(self) -> None:
         """Release models or connections."""
+
+
+def pairwise_matrix(k: int, probabilities: Callable[[list[tuple[int, int]]], Sequence[float]]) -> np.ndarray:
+    """The K x K matrix of P(i beats j) from the judge's verdicts on the upper triangle: ``probabilities`` gets the
+    pairs (i, j), i < j, in row order, in one call (a batching judge sends them together) and returns P(i beats j)
+    for each; [j, i] is 1 - P(i beats j), the diagonal 0.5."""
+    upper = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    m = np.full((k, k), 0.5)
+    for (i, j), p in zip(upper, probabilities(upper) if upper else []):
+        m[i, j], m[j, i] = p, 1.0 - p
+    return m
 
 
 def _sigmoid(x: float) -> float:
@@ -120,14 +132,18 @@ def register_judge(kind: str) -> Callable[[type[Judge]], type[Judge]]:
     return deco
 
 
-def parse_judge_options(cfg: Mapping[str, Any]) -> JudgeOptions:
-    """Validate a ``judge`` config mapping against the registered judge's options (raises ValueError)."""
+def parse_judge_options(cfg: Mapping[str, Any] | JudgeOptions) -> JudgeOptions:
+    """Validate a ``judge`` config mapping against the registered judge's options (raises ValueError); options
+    already parsed are returned as they are."""
+    if isinstance(cfg, JudgeOptions):
+        return cfg
     kind = cfg.get("kind")
     if kind not in JUDGES:
         raise ValueError(f"judge.kind: unknown judge {kind!r}; known: {', '.join(sorted(JUDGES))}")
     return JUDGES[kind].Options.model_validate(dict(cfg))
 
 
-def build_judge(cfg: Mapping[str, Any]) -> Judge:
+def build_judge(cfg: Mapping[str, Any] | JudgeOptions) -> Judge:
+    """The judge of ``cfg``: typed options (the config's ``judge`` section), or a mapping parsed first."""
     opts = parse_judge_options(cfg)
     return JUDGES[opts.kind](opts)

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from pipeline_lib.artifacts import sha256_json
-from pipeline_lib.judges.base import Item, Judge
+from pipeline_lib.judges.base import Item, Judge, pairwise_matrix
 
 SEGMENTS = "segments"
 FLUSH_AT = 4096  # pending verdicts that trigger a segment between score calls (pairwise rank calls per prompt)
@@ -124,7 +124,6 @@ class CachedJudge(Judge):
         self.kind = judge.kind
         self.cache = cache if isinstance(cache, JudgmentCache) else JudgmentCache(cache)
         self.judge_hash = judge.identity_hash()
-        self.native_score = type(judge).score is not Judge.score
         self.stats = {"score_hits": 0, "score_misses": 0, "compare_hits": 0, "compare_misses": 0}
         self._pending: dict[str, float] = {}  # fresh verdicts not yet in a segment
 
@@ -143,6 +142,10 @@ class CachedJudge(Judge):
         if self._pending:
             self.cache.put_many(self._pending.items(), judge=self.judge_hash)
             self._pending = {}
+
+    @property
+    def native_score(self) -> bool:
+        return self.judge.native_score
 
     def identity(self) -> dict[str, Any]:
         return self.judge.identity()
@@ -176,13 +179,8 @@ class CachedJudge(Judge):
     def rank(self, prompt: str, candidates: Sequence[str], meta: Mapping[str, Any] | None = None) -> np.ndarray:
         if self.native_score:
             return Judge.rank(self, prompt, candidates, meta)
-        k = len(candidates)
-        upper = [(i, j) for i in range(k) for j in range(i + 1, k)]
-        probs = self._pairs(prompt, [(candidates[i], candidates[j]) for i, j in upper], meta, list(candidates))
-        m = np.full((k, k), 0.5)
-        for (i, j), p in zip(upper, probs):
-            m[i, j], m[j, i] = p, 1.0 - p
-        return m
+        return pairwise_matrix(len(candidates), lambda pairs: self._pairs(
+            prompt, [(candidates[i], candidates[j]) for i, j in pairs], meta, list(candidates)))
 
     def _pairs(self, prompt: str, pairs: list[tuple[str, str]], meta: Mapping[str, Any] | None,
                candidates: list[str]) -> list[float]:

@@ -41,6 +41,7 @@ MARKERS = (SOURCE, CAND1, CAND2, CAND)
 
 
 class PairRMOptions(JudgeOptions):
+    kind: Literal["pairrm"] = "pairrm"
     model: str = "llm-blender/PairRM"  # hub id or local directory (any reference models.resolve accepts)
     batch_size: int = Field(8, ge=1)  # ordered pairs per forward pass
     source_max_length: int = Field(1224, ge=8)

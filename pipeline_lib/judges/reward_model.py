@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class RewardModelOptions(JudgeOptions):
+    kind: Literal["reward_model"] = "reward_model"
     model: str  # local directory or hub id (any reference pipeline_lib.models.resolve accepts)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=8)

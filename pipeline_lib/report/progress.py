@@ -12,6 +12,7 @@ is remaining / rate; both are undefined until two updates are apart in time, and
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import Callable, TextIO
@@ -19,7 +20,7 @@ from typing import Callable, TextIO
 
 def fmt_duration(s: float) -> str:
     """``75`` -> ``1m15s``, ``3725`` -> ``1h02m``, NaN/inf -> ``?``."""
-    if s != s or s in (float("inf"), float("-inf")):
+    if not math.isfinite(s):
         return "?"
     s = int(round(max(s, 0.0)))
     if s >= 3600:
@@ -51,7 +52,7 @@ class Progress:
         self._last_prefect = float("-inf")
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._artifact_id = None
-        self._prefect = prefect and _in_prefect_run()
+        self._prefect = prefect and in_prefect_run()
         if self._prefect:
             self._artifact_id = self._prefect_call(lambda: _create_artifact(self))
 
@@ -71,12 +72,12 @@ class Progress:
         r = self.rate(now)
         if self.done >= self.total:
             return 0.0
-        return (self.total - self.done) / r if r == r and r > 0 else float("nan")
+        return (self.total - self.done) / r if not math.isnan(r) and r > 0 else float("nan")
 
     def line(self, now: float | None = None) -> str:
         now = self.clock() if now is None else now
         r = self.rate(now)
-        rate = f"{r:.2f} {self.unit}/s" if r == r else f"? {self.unit}/s"
+        rate = f"{r:.2f} {self.unit}/s" if not math.isnan(r) else f"? {self.unit}/s"
         extra = f" | {self.extra}" if self.extra else ""
         return (f"[{self.label}] {self.done}/{self.total} {self.unit} ({100 * self.fraction:.0f}%) | {rate} | "
                 f"ETA {fmt_duration(self.eta_s(now))}{extra}")
@@ -162,7 +163,8 @@ def _terminal() -> TextIO:
     return terminal()  # the terminal even while library output goes to the run's log (pipeline_lib/console.py)
 
 
-def _in_prefect_run() -> bool:
+def in_prefect_run() -> bool:
+    """Inside a Prefect flow or task run (where progress and charts also go to Prefect artifacts)."""
     from prefect.context import FlowRunContext, TaskRunContext
 
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table
 from pipeline_lib.report import charts
+from pipeline_lib.report.progress import in_prefect_run
 
 CHART_TITLES = {"trend.png": "Held-out metrics per round", "pairs.png": "Preference pairs: score and length",
                 "training.png": "Training curves"}
@@ -57,12 +58,6 @@ def round_charts(pairs: ArtifactRef | None = None, checkpoint: ArtifactRef | Non
     return out
 
 
-def _in_prefect_run() -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
-
-
 def charts_markdown(pngs: Mapping[str, bytes], title: str) -> str:
     parts = [f"## {title}"]
     for name, data in pngs.items():
@@ -78,16 +73,16 @@ def log_round_charts(lineage, run_id: str, *, pairs: ArtifactRef | None = None,
     task run) publish them as the markdown artifact ``round-charts``. ``lineage``: a ``RoundLineage``. With
     ``campaign``, the trend covers the campaign's rounds logged so far (call after ``finish_round``, so this round's
     before/after metrics are in). Returns {file name: MLflow artifact path}."""
-    rows = campaign_trend_rows(lineage.c, lineage.experiment_id, campaign) if campaign else None
+    rows = campaign_trend_rows(lineage.client, lineage.experiment_id, campaign) if campaign else None
     pngs = round_charts(pairs=pairs, checkpoint=checkpoint, trend_rows=rows)
     logged = {}
     with tempfile.TemporaryDirectory(prefix="alignflow-charts-") as tmp:
         for name, data in pngs.items():
             path = Path(tmp) / name
             path.write_bytes(data)
-            lineage.c.log_artifact(run_id, str(path), artifact_path="charts")
+            lineage.client.log_artifact(run_id, str(path), artifact_path="charts")
             logged[name] = f"charts/{name}"
-    if pngs and prefect_artifact and _in_prefect_run():
+    if pngs and prefect_artifact and in_prefect_run():
         from prefect.artifacts import create_markdown_artifact
 
         create_markdown_artifact(markdown=charts_markdown(pngs, f"Round {round_name or run_id}"),

@@ -1,5 +1,7 @@
 """The annotate stage: score every sample of a generations table with the configured judge.
 
+Config: ``judge:``, one of the judges' option models (``JudgeConfig``, ``pipeline_lib/judges/config.py``).
+
 Adds ``score`` (the judge's pointwise view) and SPPO's win-probability columns (``pipeline_lib/winprob.py``) to the
 table; verdicts go through the judgment cache (``judges/cache.py``), so re-annotating the same samples costs nothing.
 """
@@ -10,16 +12,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, write_table
-from pipeline_lib.judges.base import build_judge
+from pipeline_lib.judges.base import JudgeOptions, build_judge
+from pipeline_lib.judges.config import JudgeConfig  # noqa: F401  (the stage's config section)
 from pipeline_lib.judges.batching import items_from_rows, judge_in_chunks
 from pipeline_lib.report.progress import Progress
 from pipeline_lib.stage import done, output_dir
 from pipeline_lib.winprob import win_probability_columns
 
 
-def run(generations: ArtifactRef, judge_cfg: Mapping[str, Any], work_dir: str | Path,
+def run(generations: ArtifactRef, judge_cfg: JudgeOptions | Mapping[str, Any], work_dir: str | Path,
         quiet: bool = False) -> ArtifactRef:
-    """The judgments table: ``generations`` with ``score``, the win-probability columns and the judge's hash."""
+    """The judgments table: ``generations`` with ``score``, the win-probability columns and the judge's hash.
+    ``judge_cfg``: the round's typed ``judge`` section (a mapping is parsed first)."""
     from pipeline_lib.judges.cache import CachedJudge
 
     # Judgments are cached by (judge identity, prompt, response): re-annotating the same samples costs nothing.

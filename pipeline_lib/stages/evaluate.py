@@ -19,7 +19,7 @@ from pydantic import Field
 from pipeline_lib.artifacts import ArtifactRef, read_manifest, read_table, ref_from_dir, write_table
 from pipeline_lib.evaluation.ifeval import IFEvalOptions
 from pipeline_lib.generation.sampling import SamplingSpec, render_chat, sample
-from pipeline_lib.judges.base import build_judge
+from pipeline_lib.judges.base import JudgeOptions, build_judge
 from pipeline_lib.judges.batching import items_from_rows, judge_in_chunks
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.report.progress import Progress
@@ -100,8 +100,8 @@ def generate(model: ResolvedModel, prompts: ArtifactRef, cfg: EvaluateConfig, wo
                        extra={"metrics": stats})
 
 
-def run(model: ResolvedModel, prompts: ArtifactRef, judge_cfg: Mapping[str, Any], cfg: EvaluateConfig,
-        work_dir: str | Path, seed: int = 0, kv_cache_gib: float = 1.0, quiet: bool = False,
+def run(model: ResolvedModel, prompts: ArtifactRef, judge_cfg: JudgeOptions | Mapping[str, Any],
+        cfg: EvaluateConfig, work_dir: str | Path, seed: int = 0, kv_cache_gib: float = 1.0, quiet: bool = False,
         tensor_parallel_size: int = 1, responses: ArtifactRef | None = None) -> ArtifactRef:
     """The evaluation table of ``model`` on the held-out ``prompts`` (responses, judge scores, IFEval verdicts),
     the metrics in its manifest. ``tensor_parallel_size``: GPUs vLLM shards the model over (a round passes

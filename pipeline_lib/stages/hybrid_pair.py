@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline_lib.artifacts import ArtifactRef, read_table, ref_from_dir, write_table
 from pipeline_lib.stage import done, output_dir
 from pipeline_lib.stages.hybrid_candidates import RESPONSE_SOURCES
-from pipeline_lib.stages.pair import PROMPT_COLUMNS as PAIR_PROMPT_COLUMNS, SIDE_COLUMNS
+from pipeline_lib.stages.pair import PAIR_PROMPT_COLUMNS, SIDE_COLUMNS
 
 
 class HybridOptions(BaseModel):

@@ -45,9 +45,10 @@ from pipeline_lib.sections import Section
 from pipeline_lib.stage import done, output_dir
 from pipeline_lib.winprob import COLUMNS as WINPROB_COLUMNS
 
-# Per-sample columns carried into the pair rows as chosen_* / rejected_*.
+# Per-sample columns carried into the pair rows as chosen_* / rejected_*, and the per-prompt columns carried as they
+# are (not the prompt table's columns, prompts.sources.PROMPT_COLUMNS: prompt_text is the templated prompt).
 SIDE_COLUMNS = ["response", "score", "winprob", "behavior_logp_seq", "n_tokens", "sample_index", "response_source"]
-PROMPT_COLUMNS = ["prompt_id", "prompt", "prompt_text"]
+PAIR_PROMPT_COLUMNS = ["prompt_id", "prompt", "prompt_text"]
 Pick = Callable[[np.ndarray, float], list[tuple[int, int]]]
 
 
@@ -176,7 +177,7 @@ def build_pairs(judged: pd.DataFrame, strategy: str, min_margin: float = 0.0,
         idx = pick(values, min_margin) if len(values) else []
         n_tied += not idx
         for i, j in idx:
-            row = {c: g.at[0, c] for c in PROMPT_COLUMNS if c in g.columns}
+            row = {c: g.at[0, c] for c in PAIR_PROMPT_COLUMNS if c in g.columns}
             for side, k in (("chosen", i), ("rejected", j)):
                 row.update({f"{side}_{c}": g.at[k, c] for c in SIDE_COLUMNS if c in g.columns})
             if uses_winprob:

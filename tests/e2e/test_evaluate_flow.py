@@ -317,11 +317,14 @@ def test_stage_functions_alone_find_the_flow_outputs(evaluated):
     cfg, s = evaluated["cfg"], evaluated["summary"]["benchmarks"]
     work, a, m = cfg.run.work_dir, cfg.alpaca_eval, cfg.mt_bench
     model = resolve("tiny:0")
-    outputs = bm.alpaca_generate(model, a.eval_set, a.subset, a.generation, work)
+    eval_set = bm.load_alpaca_set(a.eval_set, a.subset, a.subset_seed, work)
+    outputs = bm.generate_benchmarks(model, work, alpaca=(eval_set, a.generation))["alpaca_eval"]
     assert outputs.path == s["alpaca_eval"]["outputs"]
     assert bm.alpaca_annotate(outputs, evaluated["judge"], work, a.instruction_difficulty).path == \
         s["alpaca_eval"]["annotations"]
-    answers = bm.mt_bench_generate(model, m.questions, None, work, question_ids=QUESTION_IDS, max_tokens=16)
+    questions = bm.load_mt_bench_set(m.questions, m.n_questions, work, m.question_ids, m.subset_seed)
+    answers = bm.generate_benchmarks(model, work, mt_bench=(questions, m.max_tokens, m.seed,
+                                                            m.kv_cache_gib))["mt_bench"]
     assert answers.path == s["mt_bench"]["answers"]
     assert bm.mt_bench_judge(answers, evaluated["judge"], m.reference_answers, m.judge_prompts, work).path == \
         s["mt_bench"]["ratings"]

@@ -65,8 +65,8 @@ def log_round(lin: RoundLineage, root: Path, *, name: str, campaign: str, index:
     for stage, ins, outs, metrics in stages:
         runs[stage] = lin.stage_run(parent, stage, ins, outs, {"stage": stage}, {**metrics, "stage_s": 1.5},
                                     step_metrics=log_history if stage == "train" else None)
-    lin.c.set_tag(parent, "alignflow.promoted", str(promoted).lower())
-    lin.c.set_tag(parent, "alignflow.promotion_reason", "promoted: better" if promoted else "champion kept")
+    lin.client.set_tag(parent, "alignflow.promoted", str(promoted).lower())
+    lin.client.set_tag(parent, "alignflow.promotion_reason", "promoted: better" if promoted else "champion kept")
     lin.finish_round(parent, {**{f"before.{k}": v for k, v in before.items()},
                               **{f"after.{k}": v for k, v in after.items()}, "promoted": float(promoted)})
     lin.register_checkpoint(parent, ckpt, REGISTERED, "candidate")

@@ -175,7 +175,7 @@ def test_reused_stages_are_found_by_artifact_hash(store, tmp_path, capsys):
                              tags={"alignflow.campaign": "", "alignflow.round_index": "0"})
     for name in ("prompts", "generations", "judgments", "pairs", "checkpoint"):
         tag = "prompts_train" if name == "prompts" else name
-        lin.c.set_tag(parent, f"alignflow.artifact.{tag}", r1[name].sha256)
+        lin.client.set_tag(parent, f"alignflow.artifact.{tag}", r1[name].sha256)
     lin.finish_round(parent, {"before.mean_score": 0.1, "after.mean_score": 0.05})
     rc, path, _ = _report(parent, store["uri"], tmp_path, capsys)
     page = Cells()
@@ -223,8 +223,8 @@ def test_log_round_charts_logs_pngs_to_the_run(store):
     logged = log_round_charts(lin, r2["parent"], pairs=r2["pairs"], checkpoint=r2["checkpoint"], campaign="camp")
     assert logged == {"trend.png": "charts/trend.png", "pairs.png": "charts/pairs.png",
                       "training.png": "charts/training.png"}
-    listed = sorted(f.path for f in lin.c.list_artifacts(r2["parent"], "charts"))
+    listed = sorted(f.path for f in lin.client.list_artifacts(r2["parent"], "charts"))
     assert listed == ["charts/pairs.png", "charts/training.png", "charts/trend.png"]
-    local = lin.c.download_artifacts(r2["parent"], "charts/trend.png", str(store["root"] / "dl"))
+    local = lin.client.download_artifacts(r2["parent"], "charts/trend.png", str(store["root"] / "dl"))
     assert Image.open(local).format == "PNG"
-    assert re.match(r".*/mlartifacts/", lin.c.get_run(r2["parent"]).info.artifact_uri)  # not the working dir
+    assert re.match(r".*/mlartifacts/", lin.client.get_run(r2["parent"]).info.artifact_uri)  # not the working dir

@@ -137,6 +137,6 @@ def test_round_charts_markdown_artifact(prefect_api, tmp_path):
     assert len(pngs) == 3
     # The inline pictures are the very files MLflow holds.
     for name, b64 in zip(["trend.png", "pairs.png", "training.png"], pngs):
-        local = lin.c.download_artifacts(r["parent"], f"charts/{name}", str(tmp_path / "dl"))
+        local = lin.client.download_artifacts(r["parent"], f"charts/{name}", str(tmp_path / "dl"))
         assert open(local, "rb").read() == base64.b64decode(b64)
         assert Image.open(io.BytesIO(base64.b64decode(b64))).format == "PNG"

@@ -103,3 +103,22 @@ def test_identity_hash_follows_options():
 def test_options_reject_unknown_keys():
     with pytest.raises(ValueError, match="tempreature"):
         TableScoreOptions(kind="table_scorer", tempreature=0.1)
+
+
+def test_a_bare_pairwise_judge_gives_win_probabilities_from_its_own_matrix():
+    """SPPO's P-hat from a pairwise judge used without the judgment cache: the annotate stage's win-probability
+    columns come from the judge's K x K matrix, not from Bradley-Terry on its mean-win-probability scores (the judge
+    says it has no native score). Pairwise form, P-hat = row means with the diagonal's 1/2: x (0.5 + 0.8 + 0.6) / 3
+    = 0.6333333, y (0.2 + 0.5 + 0.3) / 3 = 0.3333333, z (0.4 + 0.7 + 0.5) / 3 = 0.5333333. Bradley-Terry on the
+    scores (0.7, 0.25, 0.55) would give sigma(0.45) = 0.6106 for P(x > y) instead of 0.8."""
+    import pandas as pd
+
+    from pipeline_lib.winprob import win_probability_columns
+
+    judge = pairwise()
+    assert judge.native_score is False and scorer().native_score is True
+    df = pd.DataFrame({"prompt_id": ["p"] * 3, "prompt": ["p"] * 3, "response": ["x", "y", "z"],
+                       "sample_index": [0, 1, 2], "score": judge.score([Item("p", r) for r in "xyz"])})
+    cols = win_probability_columns(judge, df, [Item("p", r) for r in "xyz"])
+    np.testing.assert_allclose(cols["winprob_pairwise"], [0.6333333, 0.3333333, 0.5333333], atol=1e-7)
+    np.testing.assert_allclose(cols["winprob_row_pairwise"][0], [0.5, 0.8, 0.6], atol=1e-12)

@@ -22,10 +22,10 @@ def test_stage_run_keeps_all_params_metrics_and_step_metrics(tmp_path):
     metrics = {f"m{i:04d}": i / 2 for i in range(1500)}              # 2 batches of metrics
     steps = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)]
     rid = lin.stage_run(parent, "train", {}, {"checkpoint": ref}, config, metrics, step_metrics=steps)
-    run = lin.c.get_run(rid)
+    run = lin.client.get_run(rid)
     assert run.data.params == {k: str(v) for k, v in config.items()}
     assert {k: v for k, v in run.data.metrics.items() if k.startswith("m")} == metrics
-    assert [m.value for m in sorted(lin.c.get_metric_history(rid, "loss"), key=lambda m: m.step)] == [1.0, 0.5,
+    assert [m.value for m in sorted(lin.client.get_metric_history(rid, "loss"), key=lambda m: m.step)] == [1.0, 0.5,
                                                                                                       1.0 / 3]
     assert run.data.tags["output.checkpoint"] == "ab" * 32
     assert run.info.status == "FINISHED"
@@ -35,14 +35,14 @@ def test_round_params_and_tags_in_batches_and_a_rerun_retags(tmp_path):
     lin = _lineage(tmp_path)
     config = {"train": {f"k{i}": i for i in range(130)}, "name": "x"}
     parent = lin.start_round("key", "r", config, tags={"prefect.flow_run_id": "first"})
-    run = lin.c.get_run(parent)
+    run = lin.client.get_run(parent)
     assert len(run.data.params) == 131 and run.data.params["train.k129"] == "129"
     lin.finish_round(parent, {"wall": 2.0, "skipped": float("nan")}, status="FAILED")
     # the re-run of a crashed round re-opens the same run and its new tags replace the old values
     again = lin.start_round("key", "r", config, tags={"prefect.flow_run_id": "second"})
     assert again == parent
     lin.finish_round(parent, {"wall": 3.0}, tags={f"alignflow.artifact.a{i}": str(i) for i in range(120)})
-    run = lin.c.get_run(parent)
+    run = lin.client.get_run(parent)
     assert run.data.tags["prefect.flow_run_id"] == "second"
     assert run.data.tags["alignflow.artifact.a119"] == "119"
     assert run.data.metrics == {"wall": 3.0} and run.info.status == "FINISHED"

@@ -15,7 +15,7 @@ from pipeline_lib.models import ResolvedModel
 from pipeline_lib.prompts.validate import DataError
 from pipeline_lib.stages.dataset_pairs import PAIR_COLUMNS, FilePairs, HubPairs, load_preference_pairs
 from pipeline_lib.stages.dataset_pairs import run as make_dataset_pairs
-from pipeline_lib.stages.pair import PROMPT_COLUMNS as PAIRS_PROMPT_COLUMNS
+from pipeline_lib.stages.pair import PAIR_PROMPT_COLUMNS
 from pipeline_lib.stages.train.fit import pairs_dataset
 
 
@@ -84,7 +84,7 @@ def test_plain_text_jsonl(tmp_path, tok):
     assert counts == {"n_rows": 3, "n_pairs": 3, "n_prompts": 2, "n_prompts_tied": 0, "n_scored": 2,
                       "mean_score_gap": 2.75,
                       "score_inverted_share": 0.5}
-    assert set(PAIRS_PROMPT_COLUMNS) <= set(pairs.columns)
+    assert set(PAIR_PROMPT_COLUMNS) <= set(pairs.columns)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv"])

@@ -160,7 +160,7 @@ def test_recipe_matches_its_sources(rel):
     cfg = _load(REPO / rel)
     rc = cfg.round if _is_campaign(REPO / rel) else cfg
     t, m = rc.train, rc.method()
-    got = dict(rounds=cfg.rounds if _is_campaign(REPO / rel) else 1, k=rc.collect.k, judge=rc.judge["kind"],
+    got = dict(rounds=cfg.rounds if _is_campaign(REPO / rel) else 1, k=rc.collect.k, judge=rc.judge.kind,
                loss=m.loss, pairs=m.pairs, weighting=m.weighting, clamp=m.wpo.clamp, alignment=m.wpo.alignment,
                reference=m.reference, optimizer=m.optimizer, beta=t.beta, eta=1 / t.beta, lr=t.learning_rate,
                epochs=t.epochs, global_batch=t.batch_size * t.grad_accum, n_train=rc.prompts.n_train,

@@ -1,5 +1,6 @@
-"""AlignTrainer on a tiny random Llama (CPU, fp32): equivalence with TRL's DPOTrainer and the original WPO formula,
-invariances (gradient accumulation, precomputed vs live reference), training direction, and config errors."""
+"""AlignTrainer on a tiny random Llama (CPU): equivalence with TRL's DPOTrainer (fp32, and bf16 bit for bit) and the
+original WPO formula, gradient-accumulation invariance, each loss's training direction, and config errors. The
+reference log-probs (precomputed vs live, LoRA, bad inputs): test_trainer_reference.py."""
 
 from __future__ import annotations
 

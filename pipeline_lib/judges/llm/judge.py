@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 from pydantic import Field, model_validator
 
-from pipeline_lib.judges.base import Item, Judge, JudgeOptions, register_judge
+from pipeline_lib.judges.base import Item, Judge, JudgeOptions, pairwise_matrix, register_judge
 from pipeline_lib.judges.llm.client import BACKENDS, ChatClient
 from pipeline_lib.judges.llm.protocols import PROTOCOLS
 from pipeline_lib.judges.llm.secrets import resolve_api_key
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class LLMJudgeOptions(JudgeOptions):
+    kind: Literal["llm"] = "llm"
     backend: Literal["http", "vllm"] = "http"
     model: str  # the served model name (http) or a model reference pipeline_lib.models.resolve accepts (vllm)
     base_url: str | None = None  # http: the API root, e.g. http://127.0.0.1:8000/v1
@@ -125,13 +126,8 @@ class LLMPairwiseJudge(LLMJudge):
         return float(self.compare_many([(prompt, a, b)])[0])
 
     def rank(self, prompt: str, candidates: Sequence[str], meta: Mapping[str, Any] | None = None) -> np.ndarray:
-        k = len(candidates)
-        upper = [(i, j) for i in range(k) for j in range(i + 1, k)]
-        probs = self.compare_many([(prompt, candidates[i], candidates[j]) for i, j in upper])
-        m = np.full((k, k), 0.5)
-        for (i, j), p in zip(upper, probs):
-            m[i, j], m[j, i] = p, 1.0 - p
-        return m
+        return pairwise_matrix(len(candidates), lambda pairs: self.compare_many(
+            [(prompt, candidates[i], candidates[j]) for i, j in pairs]))
 
     def compare_many(self, pairs: Sequence[tuple[str, str, str]]) -> np.ndarray:
         """P(a better than b) for each (instruction, a, b); all requests go out together (bounded concurrency)."""

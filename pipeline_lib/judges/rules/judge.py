@@ -67,15 +67,18 @@ def follow_list(prompt: str, response: str, instruction_id_list: Sequence[str], 
     return [any(check(v) for v in variants) for check in checkers]
 
 
+class RulesOptions(JudgeOptions):
+    kind: Literal["rules"] = "rules"
+    mode: Literal["strict", "loose"] = "strict"
+
+
 @register_judge("rules")
 class RulesJudge(Judge):
     """Fraction of the prompt's verifiable instructions followed (``item.meta``: ``instruction_id_list``,
     ``kwargs``). A prompt without instructions scores 1.0 (nothing to violate, as IFEval's ``all([])``)."""
 
     model_based = False  # string checks: milliseconds per response, never worth a shard
-
-    class Options(JudgeOptions):
-        mode: Literal["strict", "loose"] = "strict"
+    Options = RulesOptions
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "rules_version": RULES_VERSION}

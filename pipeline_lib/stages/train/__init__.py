@@ -21,7 +21,7 @@ from pipeline_lib.methods import MethodConfig
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.stage import done, output_dir
 from pipeline_lib.stages.train.config import TrainConfig
-from pipeline_lib.stages.train.fit import TrainingDivergedError, fit, work_dir_of, world_size  # noqa: F401
+from pipeline_lib.stages.train.fit import TrainingDivergedError, TrainJob, fit, work_dir_of, world_size  # noqa: F401
 from pipeline_lib.stages.train.worker import launch
 
 
@@ -41,23 +41,18 @@ def run(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: Met
     out = output_dir(work_dir, "train", inputs, config)
     if done(out):
         return ref_from_dir(out)
+    job = TrainJob(policy, pairs, cfg, method, reference, out, inputs, config, quiet)
     if cfg.ensemble > 1:
-        return _train_ensemble(policy, pairs, cfg, method, work_dir, reference, callbacks, on_log, quiet, out,
-                               inputs, config)
+        return _train_ensemble(job, work_dir, callbacks, on_log)
     if world_size(cfg) == 1 and not cfg.deepspeed:
         try:
-            return fit(policy, pairs, cfg, method, reference, out, inputs, config, callbacks, on_log, quiet)
+            return fit(job, callbacks, on_log)
         finally:
             release_memory()
     if callbacks:
         raise ValueError(f"train.num_processes={cfg.num_processes}: trainer callbacks run inside the trainer's "
                          "processes and cannot be sent there; use on_log (rank 0's log rows are relayed)")
-    spec = {"policy": vars(policy), "reference": vars(reference), "pairs": pairs.model_dump(),
-            "train": cfg.model_dump(),
-            # exclude_unset: MethodConfig rejects option sections set explicitly for a loss that ignores them
-            "method": method.model_dump(exclude_unset=True),
-            "out": str(out), "inputs": inputs, "config": config, "quiet": quiet}
-    launch(spec, cfg.num_processes, work_dir_of(out), on_log, quiet, nnodes=cfg.nnodes,
+    launch(job.to_spec(), cfg.num_processes, work_dir_of(out), on_log, quiet, nnodes=cfg.nnodes,
            rdzv_endpoint=cfg.rdzv_endpoint, work_dir=work_dir)
     return ref_from_dir(out)  # written by rank 0
 
@@ -98,8 +93,8 @@ def _check_deepspeed(path: str) -> str:
     return sha256_file(p)
 
 
-def _train_ensemble(policy, pairs, cfg, method, work_dir, reference, callbacks, on_log, quiet, out, inputs,
-                    config) -> ArtifactRef:
+def _train_ensemble(job: TrainJob, work_dir: str | Path, callbacks: list | None,
+                    on_log: Callable[[dict], None] | None) -> ArtifactRef:
     """BPO's ensemble (Xu et al. 2024, "BPO", §4): N LoRA adapters trained on the same pairs from different seeds
     (initialisation and data order), merged into the base and averaged uniformly. Each member is merged before
     averaging, so the result is W0 + mean_i(B_i A_i · alpha/r): the mean of the adapters' weight deltas (averaging
@@ -108,11 +103,12 @@ def _train_ensemble(policy, pairs, cfg, method, work_dir, reference, callbacks, 
     import torch
     from safetensors.torch import load_file, save_file
 
+    policy, pairs, cfg, method, reference = job.policy, job.pairs, job.cfg, job.method, job.reference
     members = []
     for i in range(cfg.ensemble):
         member_cfg = cfg.model_copy(update={"ensemble": 1, "seed": cfg.seed + i})
         members.append(run(policy, pairs, member_cfg, method, work_dir, reference, callbacks,
-                             (lambda row, i=i: on_log({**row, "ensemble_member": i})) if on_log else None, quiet))
+                             (lambda row, i=i: on_log({**row, "ensemble_member": i})) if on_log else None, job.quiet))
     first = Path(members[0].path)
     shards = sorted(p.name for p in first.glob("*.safetensors"))
 
@@ -138,7 +134,7 @@ def _train_ensemble(policy, pairs, cfg, method, work_dir, reference, callbacks, 
                    setup_s=sum(mf["metrics"].get("setup_s", 0.0) for mf in manifests))
     if all("tokens_per_s" in mf["metrics"] for mf in manifests):  # a rate: tokens over the summed wall time
         metrics["tokens_per_s"] = len(manifests) / sum(1 / mf["metrics"]["tokens_per_s"] for mf in manifests)
-    return write_model(build, out, name="checkpoint", producer="train", inputs=inputs, config=config,
+    return write_model(build, job.out, name="checkpoint", producer="train", inputs=job.inputs, config=job.config,
                        extra={"metrics": metrics, "log_history": manifests[0].get("log_history", []),
                               "ensemble_members": [{"sha256": m.sha256, "path": str(m.path), "seed": cfg.seed + i,
                                                     "metrics": mf["metrics"]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +18,37 @@ from pipeline_lib.artifacts import ArtifactRef, read_table, write_model
 from pipeline_lib.methods import LOSSES, MethodConfig
 from pipeline_lib.models import ResolvedModel
 from pipeline_lib.stages.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training as the stage resolved it: what every process that trains needs (the stage's own, or each
+    torchrun rank: ``worker.py`` reads it back from ``to_spec``'s JSON). ``inputs`` and ``config`` are the stage's
+    cache key, computed once by the stage, and go into the artifact ``out``'s manifest."""
+
+    policy: ResolvedModel
+    pairs: ArtifactRef
+    cfg: TrainConfig
+    method: MethodConfig
+    reference: ResolvedModel
+    out: Path
+    inputs: dict
+    config: dict
+    quiet: bool = False
+
+    def to_spec(self) -> dict:
+        """The job as JSON-ready data, for the torchrun workers (``from_spec`` reads it back)."""
+        return {"policy": vars(self.policy), "reference": vars(self.reference), "pairs": self.pairs.model_dump(),
+                "train": self.cfg.model_dump(),
+                # exclude_unset: MethodConfig rejects option sections set explicitly for a loss that ignores them
+                "method": self.method.model_dump(exclude_unset=True),
+                "out": str(self.out), "inputs": self.inputs, "config": self.config, "quiet": self.quiet}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "TrainJob":
+        return cls(ResolvedModel(**spec["policy"]), ArtifactRef(**spec["pairs"]), TrainConfig(**spec["train"]),
+                   MethodConfig(**spec["method"]), ResolvedModel(**spec["reference"]), Path(spec["out"]),
+                   spec["inputs"], spec["config"], spec["quiet"])
 
 
 def pairs_dataset(pairs_df, method: MethodConfig):
@@ -105,11 +137,11 @@ def work_dir_of(out: Path) -> Path:
     return out.parent / f"{out.name}.work"  # stable across re-runs: holds resumable checkpoints
 
 
-def fit(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: MethodConfig, reference: ResolvedModel,
-        out: Path, inputs: dict, config: dict, callbacks: list | None = None,
-        on_log: Callable[[dict], None] | None = None, quiet: bool = False) -> ArtifactRef | None:
-    """The training core: one TRL run writing the model artifact ``out``. In a torchrun process group every rank
+def fit(job: TrainJob, callbacks: list | None = None,
+        on_log: Callable[[dict], None] | None = None) -> ArtifactRef | None:
+    """The training core: one TRL run writing the model artifact ``job.out``. In a torchrun process group every rank
     calls it; rank 0 writes the artifact and relays its log rows to ``on_log``, the others return None."""
+    policy, pairs, cfg, method, reference, out = job.policy, job.pairs, job.cfg, job.method, job.reference, job.out
     work = work_dir_of(out)
     work.mkdir(parents=True, exist_ok=True)
 
@@ -118,7 +150,7 @@ def fit(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: Met
     from transformers import set_seed as transformers_set_seed
     from pipeline_lib.trainer import AlignTrainer
 
-    if quiet:
+    if job.quiet:
         import datasets
         import transformers
 
@@ -182,7 +214,7 @@ def fit(policy: ResolvedModel, pairs: ArtifactRef, cfg: TrainConfig, method: Met
         vals = [r[key] for r in log if key in r]
         if vals:
             metrics[f"last_{key.replace('/', '_')}"] = float(vals[-1])
-    ref = write_model(build, out, name="checkpoint", producer="train", inputs=inputs, config=config,
+    ref = write_model(build, out, name="checkpoint", producer="train", inputs=job.inputs, config=job.config,
                       extra={"metrics": metrics, "log_history": log,
                              "base_model": {"ref": policy.ref, "sha256": policy.sha256},
                              "reference_model": {"ref": reference.ref, "sha256": reference.sha256}})

@@ -17,10 +17,10 @@ checkpoint to the shared ``work_dir`` and the stage reads it back (its log rows 
 rank 0 is on the stage's host; otherwise the joining host prints them).
 
 Protocol (both sides live here):
-- SPEC.json: policy and reference (ref, path, sha256), the pairs artifact, the train and method configs, the output
-  artifact directory with its inputs and config (computed once, by the parent), quiet, nproc per node, nnodes and
-  the rendezvous endpoint and id. The pid of the process that started torchrun (the stage, or a joining host's
-  ``join``) is in the workers' environment (PARENT_ENV).
+- SPEC.json: the ``TrainJob`` (``fit.py``; its ``to_spec``): policy and reference (ref, path, sha256), the pairs
+  artifact, the train and method configs, the output artifact directory with its inputs and config (computed once,
+  by the parent), quiet; and nproc per node, nnodes and the rendezvous endpoint and id. The pid of the process that
+  started torchrun (the stage, or a joining host's ``join``) is in the workers' environment (PARENT_ENV).
 - stdout: rank 0 writes each trainer log row as one line ``MARKER {"log": row}``; a failing rank writes
   ``MARKER {"error": "...", "rank": r}`` before it exits. Everything else (all ranks' stdout and stderr, torchrun's
   own) is echoed to the parent's stderr unless quiet, and its tail is kept for the error message.
@@ -185,15 +185,9 @@ def main(argv: list[str]) -> int:
         return 1
     rank = int(os.environ.get("RANK", "0"))
     try:
-        from pipeline_lib.artifacts import ArtifactRef
-        from pipeline_lib.methods import MethodConfig
-        from pipeline_lib.models import ResolvedModel
-        from pipeline_lib.stages.train.config import TrainConfig
-        from pipeline_lib.stages.train.fit import fit
+        from pipeline_lib.stages.train.fit import TrainJob, fit
 
-        fit(ResolvedModel(**spec["policy"]), ArtifactRef(**spec["pairs"]), TrainConfig(**spec["train"]),
-            MethodConfig(**spec["method"]), ResolvedModel(**spec["reference"]), Path(spec["out"]), spec["inputs"],
-            spec["config"], on_log=lambda row: _emit({"log": row}), quiet=spec["quiet"])
+        fit(TrainJob.from_spec(spec), on_log=lambda row: _emit({"log": row}))
         _close_group()
     except BaseException as e:
         _emit({"error": f"{type(e).__name__}: {e}", "rank": rank})
