@@ -160,7 +160,10 @@ def _ci_cells(metrics: Mapping[str, float], name: str, canonical: str) -> list[s
     ci = _td(f"[{lo:+.3f}, {hi:+.3f}]", "num " + _tone(lo, hi, canonical),
              metric=f"paired.{name}.ci", value=f"{lo!r},{hi!r}") if lo is not None and hi is not None else _td("–")
     p = metrics.get(f"paired.{name}.p_value")
-    return [ci, _metric_td(metrics, f"paired.{name}.p_value") if p is not None else _td("–", "num")]
+    if p is None:
+        return [ci, _td("–", "num")]
+    # a p-value below 0.001 would print as 0.000; two significant digits say how far below
+    return [ci, _td(f"{p:.2g}" if 0 < p < 1e-3 else fmt(p), "num", metric=f"paired.{name}.p_value", value=repr(p))]
 
 
 def _paired_rows(metrics: Mapping[str, float]) -> list[tuple[str, float, float, float]]:
