@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -76,17 +77,11 @@ def vllm_collect(model_path: str, prompt_ids: list[list[int]], k: int, max_token
 def matmul_params(model_path: str) -> int:
     """Parameters that take part in a matmul per generated token: every weight in the checkpoint except the input
     embedding, which is a lookup; with tied embeddings that same matrix is the output head and does count."""
-    from safetensors import safe_open
+    from pipeline_lib.cost.accounting import parameter_shapes
 
-    total, embed = 0, 0
-    for f in sorted(Path(model_path).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for key in st.keys():
-                n = 1
-                for d in st.get_slice(key).get_shape():
-                    n *= d
-                total += n
-                embed += n if key.endswith("embed_tokens.weight") else 0
+    shapes = parameter_shapes(model_path)
+    total = sum(math.prod(s) for s in shapes.values())
+    embed = sum(math.prod(s) for name, s in shapes.items() if name.endswith("embed_tokens.weight"))
     tied = json.loads((Path(model_path) / "config.json").read_text()).get("tie_word_embeddings", False)
     return total if tied else total - embed
 

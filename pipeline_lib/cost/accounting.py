@@ -44,17 +44,20 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
-def count_parameters(model_dir: str | Path) -> int:
-    """Parameters of a safetensors model directory, from the files' headers (no tensor is read)."""
-    total = 0
+def parameter_shapes(model_dir: str | Path) -> dict[str, list[int]]:
+    """Name -> shape of every tensor of a safetensors model directory, from the files' headers (no tensor is read)."""
+    shapes: dict[str, list[int]] = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                total += math.prod(info["shape"])
-    return total
+        shapes.update({name: info["shape"] for name, info in header.items() if name != "__metadata__"})
+    return shapes
+
+
+def count_parameters(model_dir: str | Path) -> int:
+    """Parameters of a safetensors model directory, from the files' headers (no tensor is read)."""
+    return sum(math.prod(shape) for shape in parameter_shapes(model_dir).values())
 
 
 def judge_usage(metrics: Mapping[str, Any], judge: Mapping[str, Any] | None) -> dict[str, float]:
