@@ -163,6 +163,11 @@ class AlignTrainer(DPOTrainer):
             opt_args.optim = _OPTIMIZERS[method.optimizer]
             self.optimizer_cls_and_kwargs = Trainer.get_optimizer_cls_and_kwargs(opt_args, self.model)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            _enable_fsdp_on_cpu(self)
+
     # -- data plumbing ----------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -352,3 +357,27 @@ class AlignTrainer(DPOTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+def _enable_fsdp_on_cpu(trainer) -> None:
+    """FSDP2 over gloo on CPU processes (``train.fsdp`` without a GPU, e.g. CI's test of the sharded mode).
+
+    accelerate turns FSDP on only for accelerator devices and otherwise falls back silently to DDP: the run would
+    train with whole copies while its config says sharded. torch's ``fully_shard`` itself runs on CPU tensors over
+    gloo, so set the accelerator state that accelerate would have set on a GPU (distributed type FSDP, the plugin
+    built from the same arguments, its mixed-precision policy); from there the Trainer, TRL and accelerate take the
+    GPU code path unchanged."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise ValueError(f"train.fsdp: accelerate did not enable FSDP on a {state.distributed_type} run; FSDP needs "
+                         "GPU processes or several CPU processes (train.num_processes > 1)")
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState.__init__ mirrors it
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True

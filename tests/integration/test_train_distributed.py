@@ -68,6 +68,31 @@ def _assert_same_training(a, b, base) -> None:
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
 
 
+def test_fsdp_sharded_parameters_train_like_one_process_and_save_the_whole_model(tiny_model, tmp_path):
+    """``train.fsdp``: 2 gloo processes, each holding half of every decoder layer's parameters (FSDP2), one step on
+    2 + 2 pairs, give the weights of 1 process x 4 pairs (the same argument as the DDP test: the reduce-scattered
+    gradient is the mean over both ranks' pairs). The saved checkpoint is whole: rank 0 gathered every parameter,
+    same names and shapes as the starting model, not a rank's shard."""
+    torch.set_num_threads(1)
+    pairs = _four_pairs(tiny_model, tmp_path / "pairs")
+    one = train(tiny_model, pairs, TrainConfig(batch_size=4, max_steps=1, **COMMON), MethodConfig(),
+                tmp_path / "one", quiet=True)
+    rows: list[dict] = []
+    sharded = train(tiny_model, pairs, TrainConfig(batch_size=2, num_processes=2, fsdp=True, max_steps=1, **COMMON),
+                    MethodConfig(), tmp_path / "fsdp", on_log=rows.append, quiet=True)
+    verify(sharded)
+    # each rank held half of every parameter (a silent fallback to whole DDP copies would show 1.0)
+    assert read_manifest(sharded.path)["metrics"]["local_parameter_share"] == pytest.approx(0.5, abs=1e-6)
+    assert read_manifest(one.path)["metrics"]["local_parameter_share"] == 1.0
+    # the reference pass (on a sharded copy of the starting model) gives zero rewards before the first step
+    loss_row = next(r for r in rows if "loss" in r)
+    assert loss_row["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+    w, w0 = _weights(sharded), _weights(tiny_model)
+    assert {k: v.shape for k, v in w.items()} == {k: v.shape for k, v in w0.items()}
+    _assert_same_training(one, sharded, tiny_model)
+    assert read_manifest(sharded.path)["config"]["fsdp"] is True
+
+
 def _worker_pids(needle: str) -> list[int]:
     """Processes of this test's training run: torchrun and its workers carry the spec path on their command line."""
     pids = []

@@ -34,6 +34,20 @@ def test_bad_keys_and_values_name_the_key(override, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["train.fsdp=true"], "at least 2"),
+    (["train.fsdp=true", "train.num_processes=2", "train.lora_r=8"], "shard full fine-tuning only"),
+    (["train.fsdp=true", "train.num_processes=2", "train.deepspeed=configs/deepspeed/zero2.json"],
+     "two sharding engines"),
+])
+def test_fsdp_refuses_what_it_cannot_shard(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/smoke.yaml", overrides)
+    assert needle in str(e.value)
+    ok = load_config("configs/smoke.yaml", ["train.fsdp=true", "train.nnodes=2", "train.rdzv_endpoint=h:29500"])
+    assert ok.train.fsdp  # one process per host on two hosts is two shards
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="key=value"):
         load_config("configs/smoke.yaml", ["train.beta"])

@@ -6,7 +6,9 @@ after a crash continues from the last one; the final model is written atomically
 
 One training core, ``fit`` (``fit.py``), runs either in this process (``train.num_processes: 1``) or in each of the
 data-parallel processes that ``worker.launch`` starts with torchrun (``num_processes > 1`` or ``train.deepspeed``);
-there, rank 0 writes the artifact and this process reads it back.
+there, rank 0 writes the artifact and this process reads it back. ``train.fsdp`` shards the parameters, gradients
+and optimizer state over those processes (FSDP2, ZeRO-3's memory profile) for policies too large for one GPU; rank 0
+gathers the whole model to save it (``fit.gathered_state_dict``).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _check_deepspeed(path: str) -> str:
         raise ValueError(f"train.deepspeed={path}: not a JSON object: {e}") from None
     if stage == 3:  # rank 0 saves the final weights from its own copy; ZeRO-3 leaves each rank only a shard
         raise ValueError(f"train.deepspeed={path}: ZeRO stage 3 is not supported (the final save needs the full "
-                         "weights on rank 0); use stage 1 or 2")
+                         "weights on rank 0); use stage 1 or 2, or train.fsdp: true to shard the parameters")
     if not torch.cuda.is_available():
         raise ValueError(f"train.deepspeed={path}: DeepSpeed needs a GPU and none is visible; unset train.deepspeed "
                          "(train.num_processes > 1 alone trains with gloo processes on CPU)")

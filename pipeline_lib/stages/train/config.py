@@ -44,6 +44,10 @@ class TrainConfig(Section):
                                                     "per step is batch_size x grad_accum x num_processes")
     deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config (ZeRO-1/2, e.g. "
                                                     "configs/deepspeed/zero2.json) for the trainer; needs a GPU")
+    fsdp: bool = Field(False, description="FSDP2 (torch fully_shard): shard parameters, gradients and optimizer "
+                                          "state over the training processes, one decoder layer at a time, for "
+                                          "policies that do not fit one GPU; rank 0 gathers the full weights to "
+                                          "save them. Needs num_processes x nnodes > 1")
     nnodes: int = Field(1, ge=1, description="hosts training together, num_processes each (torchrun --nnodes): "
                                              "the stage's host and nnodes-1 hosts running `python -m "
                                              "pipeline_lib.train_worker join` (docs/operations.md)")
@@ -58,6 +62,8 @@ class TrainConfig(Section):
         if (self.nnodes > 1) != bool(self.rdzv_endpoint):
             raise ValueError(f"train.nnodes={self.nnodes} and train.rdzv_endpoint={self.rdzv_endpoint!r}: several "
                              "hosts need a rendezvous endpoint (HOST:PORT) and an endpoint needs nnodes > 1")
+        if self.fsdp:
+            _check_fsdp(self)
         return self
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps for resume (0: only at the end)")
@@ -67,3 +73,15 @@ class TrainConfig(Section):
         from pipeline_lib.prompts.validate import content_fingerprint
 
         return content_fingerprint(self.deepspeed)
+
+
+def _check_fsdp(cfg: TrainConfig) -> None:
+    """What a sharded-parameter run cannot combine with, refused when the config loads rather than inside torchrun."""
+    if cfg.num_processes * cfg.nnodes < 2:
+        raise ValueError("train.fsdp=true shards the model over the training processes, and there is one: set "
+                         "train.num_processes (per host) or train.nnodes so that there are at least 2")
+    if cfg.deepspeed:
+        raise ValueError(f"train.fsdp=true and train.deepspeed={cfg.deepspeed}: two sharding engines; choose one")
+    if cfg.lora_r:
+        raise ValueError(f"train.fsdp=true with train.lora_r={cfg.lora_r}: LoRA trains a small adapter that fits "
+                         "every GPU; shard full fine-tuning only (set train.lora_r: 0, or train.fsdp: false)")

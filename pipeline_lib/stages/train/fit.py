@@ -119,7 +119,19 @@ def dpo_args(cfg: TrainConfig, work: Path, n_pairs: int):
         # several CPU processes (torchrun without GPUs) talk over gloo; NCCL, the GPU default, needs CUDA
         ddp_backend="gloo" if world_size(cfg) > 1 and not torch.cuda.is_available() else None,
         deepspeed=cfg.deepspeed,
+        **fsdp_args(cfg),
     )
+
+
+def fsdp_args(cfg: TrainConfig) -> dict:
+    """The Trainer's FSDP2 settings for ``train.fsdp``: every decoder layer (the model's ``_no_split_modules``) its
+    own shard group, parameters resharded after each forward (ZeRO-3's memory profile), and a full state dict for
+    the final save, gathered to rank 0 by ``gathered_state_dict``."""
+    if not cfg.fsdp:
+        return {}
+    return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                                          "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                          "state_dict_type": "FULL_STATE_DICT"}}
 
 
 def world_size(cfg: TrainConfig) -> int:
@@ -187,18 +199,21 @@ def fit(job: TrainJob, callbacks: list | None = None,
     setup_s = t0 - t_setup
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(work))
     train_s = time.perf_counter() - t0
+    # FSDP leaves each rank a shard of every parameter: all ranks take part in gathering the full weights to rank 0
+    full_state = gathered_state_dict(trainer) if cfg.fsdp else None
+    held = local_parameter_share(trainer.model)
     if not trainer.is_world_process_zero():
         return None
     log = [dict(r) for r in trainer.state.log_history]
-    check_finite(trainer.model, log, cfg)
+    check_finite(full_state.items() if full_state is not None else trainer.model.named_parameters(), log, cfg)
     n_tokens = _count_tokens(trainer.train_dataset) * args.num_train_epochs if cfg.max_steps <= 0 else None
 
     def build(tmp: Path) -> None:
-        final = trainer.model
+        final = trainer.accelerator.unwrap_model(trainer.model) if full_state is not None else trainer.model
         if cfg.lora_r:  # a full checkpoint, so the next round's vLLM and trainer load it like any model
             final = final.merge_and_unload()
         final.generation_config.pad_token_id = tok.pad_token_id
-        final.save_pretrained(tmp, safe_serialization=True)
+        final.save_pretrained(tmp, safe_serialization=True, state_dict=full_state)
         tok.save_pretrained(tmp)
 
     metrics: dict[str, Any] = {
@@ -207,6 +222,7 @@ def fit(job: TrainJob, callbacks: list | None = None,
         "setup_s": setup_s,
         "steps": int(trainer.state.global_step),
         "n_pairs": len(pairs_df),
+        "local_parameter_share": held,  # of the model's parameters, the share rank 0 held: 1/world under FSDP
     }
     if n_tokens:
         metrics["tokens_per_s"] = n_tokens / (setup_s + train_s)
@@ -227,7 +243,31 @@ class TrainingDivergedError(ValueError):
     cannot help (a ValueError, so the task does not retry it)."""
 
 
-def check_finite(model, log: list[dict], cfg: TrainConfig) -> None:
+def gathered_state_dict(trainer) -> dict:
+    """The full weights of an FSDP-sharded model, on CPU in rank 0 (empty on the other ranks); a collective: every
+    rank must call it. A tied parameter (e.g. the LM head sharing the embedding) is kept under its first name only,
+    as ``save_pretrained`` does for an unsharded model: the gathered copies are separate tensors, so it could not
+    tell they are one."""
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    seen: set[int] = set()
+    for name, param in trainer.model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            state.pop(name, None)
+        seen.add(id(param))
+    return state
+
+
+def local_parameter_share(model) -> float:
+    """The share of the model's parameter elements this process holds: 1.0 for a whole copy (DDP, one process),
+    about 1/N for FSDP over N processes (shards of a DTensor; padding aside)."""
+    local = full = 0
+    for p in model.parameters():
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+        full += p.numel()  # a DTensor's numel is the full tensor's
+    return local / full if full else 1.0
+
+
+def check_finite(named_params, log: list[dict], cfg: TrainConfig) -> None:
     """Refuse a run whose logged losses or trained weights are not all finite, before anything is written.
     (lr = 1e30 passes every config bound and turned all 426,624 weights of the tiny model into NaN in 2 steps.)"""
     import torch
@@ -237,7 +277,7 @@ def check_finite(model, log: list[dict], cfg: TrainConfig) -> None:
     n_bad = n_all = 0
     first = ""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in named_params:
             k = int((~torch.isfinite(p)).sum())
             n_bad, n_all = n_bad + k, n_all + p.numel()
             first = first or (name if k else "")
