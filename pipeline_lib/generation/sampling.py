@@ -37,6 +37,7 @@ class SamplingSpec:
     tensor_parallel_size: int = 1
     dtype: str = "auto"
     quiet: bool = False
+    compile: str = "auto"  # "auto" | "on" | "off": see vllm_worker.enforce_eager
     extra: dict = field(default_factory=dict)
 
 
@@ -71,6 +72,9 @@ def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpe
         "dtype": spec.dtype,
         "max_model_len": max_prompt + spec.max_tokens + 8,
         "quiet": spec.quiet,
+        "compile": spec.compile,
+        # the most tokens this call can generate: what the compile decision weighs (vllm_worker.enforce_eager)
+        "token_budget": len(prompt_token_ids) * spec.n * spec.max_tokens,
         **spec.extra,
     }
     if progress is not None:

@@ -27,6 +27,26 @@ def _engine_env(spec: dict) -> None:
 
 CAST_LOADER = "alignflow_cast"
 
+# On CPU, vLLM's compiled model (torch.compile of the forward, enforce_eager=False) generated 1.44x / 1.63x the
+# tokens/s of eager mode in two runs on the 2-core Intel machine (bench.generation, 2026-12-04: 811 vs 562 and 858
+# vs 527 tokens/s, SmolLM2-135M, 32 prompts x 4 samples) but its engine starts 48-57 s later (compilation; vLLM's
+# compile cache did not remove it). It pays back after about 52 s / (1/545 - 1/835) s per token ~ 80k generated
+# tokens. The budget below is an upper bound (answers stop before max_tokens), so the bar sits above that:
+# an IFEval evaluation (541 x 1,024) compiles, the demo's collect (64 x 4 x 96) and held-out set (100 x 96) do not.
+COMPILE_MIN_TOKENS = 200_000
+
+
+def enforce_eager(compile_mode: str, on_gpu: bool, token_budget: int) -> bool:
+    """vLLM's ``enforce_eager`` for a ``compile`` setting: "on" compiles, "off" runs eager; "auto" keeps vLLM's
+    default on a GPU (compiled, CUDA graphs) and on CPU compiles only a call that can generate at least
+    ``COMPILE_MIN_TOKENS`` tokens. Same sampling distribution either way (tests/integration/
+    test_vllm_compiled_distribution.py)."""
+    modes = {"on": lambda: False, "off": lambda: True,
+             "auto": lambda: not on_gpu and token_budget < COMPILE_MIN_TOKENS}
+    if compile_mode not in modes:
+        raise ValueError(f"compile={compile_mode!r}: expected one of {sorted(modes)}")
+    return modes[compile_mode]()
+
 
 def register_cast_loader() -> str:
     """A weight loader that hands vLLM each floating-point tensor already in the model's dtype.
@@ -75,7 +95,9 @@ def run(spec: dict):
         "cast_loader", True) else "auto"
 
     t0 = time.perf_counter()
-    on_gpu = torch.cuda.is_available()
+    engine_args = {"enforce_eager": enforce_eager(spec.get("compile", "auto"), torch.cuda.is_available(),
+                                                  spec.get("token_budget", 0)),
+                   **spec.get("engine_args", {})}
     llm = LLM(
         model=spec["model"],
         seed=spec["seed"],  # per-request seeds crash the CPU sampler ("CPU Generator does not use offset")
@@ -85,7 +107,7 @@ def run(spec: dict):
         tensor_parallel_size=spec.get("tensor_parallel_size", 1),
         load_format=load_format,
         # vLLM engine arguments a caller sets explicitly (bench.generation's sweep: max_num_seqs, compilation, ...)
-        **{"enforce_eager": not on_gpu, **spec.get("engine_args", {})},
+        **engine_args,
     )
     t_load = time.perf_counter() - t0
     params = SamplingParams(
@@ -112,7 +134,8 @@ def run(spec: dict):
                 "behavior_logp_seq": float(sum(lps)),
                 "finish_reason": c.finish_reason or "",
             })
-    stats = {"load_s": t_load, "generate_s": t_gen, "generated_tokens": int(sum(r["n_tokens"] for r in rows))}
+    stats = {"load_s": t_load, "generate_s": t_gen, "generated_tokens": int(sum(r["n_tokens"] for r in rows)),
+             "compiled": not engine_args["enforce_eager"]}
     return pd.DataFrame(rows), stats
 
 

@@ -11,6 +11,7 @@ is kept for that diagnostic and carried into the pairs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -32,6 +33,10 @@ class CollectConfig(Section):
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="vLLM's compiled model (enforce_eager=false): auto = on GPUs, and on CPU when the stage "
+                            "can generate >= 200k tokens (compiling adds ~50 s to the engine start and generates "
+                            "~1.5x faster); on / off force it. Same sampling distribution either way")
 
 
 def run(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, work_dir: str | Path,
@@ -50,7 +55,7 @@ def run(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, work_di
     spec = SamplingSpec(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                         seed=cfg.seed, kv_cache_gib=cfg.kv_cache_gib, quiet=quiet,
                         gpu_memory_utilization=cfg.gpu_memory_utilization,
-                        tensor_parallel_size=cfg.tensor_parallel_size)
+                        tensor_parallel_size=cfg.tensor_parallel_size, compile=cfg.compile)
     with Progress(len(ids) * cfg.k, "collect", "samples", quiet=quiet) as progress:
         gen, stats = sample(policy.path, ids, spec, progress)
     meta = df.reset_index(drop=True)
@@ -64,6 +69,7 @@ def run(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, work_di
         "generated_tokens": stats["generated_tokens"],
         "generate_s": stats["generate_s"],
         "engine_load_s": stats["load_s"],
+        "engine_compiled": bool(stats.get("compiled", False)),
         "tokens_per_s": stats["generated_tokens"] / max(stats["generate_s"], 1e-9),
         "mean_response_tokens": float(rows["n_tokens"].mean()),
         "truncated_share": float((rows["finish_reason"] == "length").mean()),

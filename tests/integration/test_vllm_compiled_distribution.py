@@ -1,0 +1,63 @@
+"""vLLM's compiled model (``compile: on``) samples from the same distribution as eager mode and as the model itself.
+
+The reference is the model's own next-token distribution computed by transformers (weights in bfloat16, as vLLM
+runs them, softmax at the sampling temperature). Both engines draw 4,000 first tokens of one chat prompt; tokens are
+grouped into bins of about equal reference mass (the top token alone holds ~0.31 at T = 0.3 on the tiny model), so
+every bin expects >= 250 draws and Pearson's chi-square is well approximated. A wrong temperature, a wrong logit
+(e.g. a missing layer norm under compilation) or a biased sampler moves the top bin's mass by far more than its
+standard error (~0.007)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline_lib.generation.sampling import SamplingSpec, render_chat, sample
+
+T, N, BINS = 0.3, 4000, 8
+
+
+def _reference(tiny_model, ids: list[int]) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model.path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+    return torch.softmax(logits / T, -1).double().numpy()
+
+
+def _mass_bins(p: np.ndarray) -> np.ndarray:
+    """Each token's bin: tokens by descending probability, cut at multiples of 1/BINS of cumulative mass (a token
+    straddling a cut goes to the bin where it starts; empty bins are dropped)."""
+    order = np.argsort(-p)
+    start = np.cumsum(p[order]) - p[order]
+    bins = np.minimum((start * BINS).astype(int), BINS - 1)
+    bins = np.unique(bins, return_inverse=True)[1]
+    out = np.empty_like(bins)
+    out[order] = bins
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_sample_the_models_distribution(tiny_model):
+    from scipy.stats import chi2_contingency, chisquare
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model.path)
+    _, (ids,) = render_chat(tok, [[{"role": "user", "content": "Name a color."}]])
+    p = _reference(tiny_model, ids)
+    bin_of = _mass_bins(p)
+    expected = np.bincount(bin_of, weights=p)
+    counts, compiled = {}, {}
+    for mode in ("off", "on"):
+        df, stats = sample(tiny_model.path, [ids], SamplingSpec(n=N, temperature=T, top_p=1.0, max_tokens=1, seed=0,
+                                                                 quiet=True, compile=mode))
+        compiled[mode] = stats["compiled"]
+        first = np.array([t[0] for t in df["response_token_ids"]])
+        counts[mode] = np.bincount(bin_of[first], minlength=len(expected))
+        fit = chisquare(counts[mode], expected / expected.sum() * N)
+        assert fit.pvalue > 1e-3, (mode, counts[mode], (expected * N).round(), fit)
+    assert compiled == {"off": False, "on": True}
+    same = chi2_contingency(np.stack([counts["off"], counts["on"]]))
+    assert same.pvalue > 1e-3, (counts, same)
