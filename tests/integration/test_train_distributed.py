@@ -248,14 +248,16 @@ train(resolve("tiny:0"), pairs, cfg, MethodConfig(), work, quiet=True,
 """
 
 
-def test_kill_9_of_the_stage_takes_the_workers_down_and_the_rerun_resumes(tiny_model, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_kill_9_of_the_stage_takes_the_workers_down_and_the_rerun_resumes(tiny_model, tmp_path, fsdp):
     """The stage process is killed (-9) after step 2's log row (checkpoint-1 is complete by then; 6 more steps with
     their checkpoints keep the run from finishing first): torchrun and both workers die with it (death signals, no
     orphans). Running the stage again resumes from the last complete checkpoint and ends where 8 uninterrupted
-    in-process steps on the whole batch end."""
+    in-process steps on the whole batch end. Also with sharded parameters (FSDP: each rank saves and reloads its
+    shards of the weights and optimizer state)."""
     torch.set_num_threads(1)
     pairs = _four_pairs(tiny_model, tmp_path / "pairs")
-    cfg = TrainConfig(batch_size=2, num_processes=2, max_steps=8, save_steps=1, **COMMON)
+    cfg = TrainConfig(batch_size=2, num_processes=2, max_steps=8, save_steps=1, fsdp=fsdp, **COMMON)
     work = tmp_path / "work"
     stage = subprocess.Popen([sys.executable, "-c", _STAGE, pairs.model_dump_json(), cfg.model_dump_json(), str(work)],
                              stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
