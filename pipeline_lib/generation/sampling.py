@@ -73,8 +73,6 @@ def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpe
         "max_model_len": max_prompt + spec.max_tokens + 8,
         "quiet": spec.quiet,
         "compile": spec.compile,
-        # the most tokens this call can generate: what the compile decision weighs (vllm_worker.enforce_eager)
-        "token_budget": len(prompt_token_ids) * spec.n * spec.max_tokens,
         **spec.extra,
     }
     if progress is not None:
