@@ -45,8 +45,8 @@ def run_round(config: str, n_train: int, overrides: list[str], warm_store: bool 
         t0 = time.perf_counter()
         p = subprocess.run(args, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        per_stage = stage_breakdown(f"sqlite:///{tmp}/mlflow.db") if p.returncode == 0 else {}
         details = stage_details(f"sqlite:///{tmp}/mlflow.db") if p.returncode == 0 else {}
+        per_stage = {name: d["stage_s"] for name, d in details.items()}
     if p.returncode != 0:
         raise RuntimeError(f"round with {n_train} prompts failed:\n{p.stderr[-3000:]}")
     out = p.stdout
@@ -60,22 +60,6 @@ def run_round(config: str, n_train: int, overrides: list[str], warm_store: bool 
             "store_create_s_incl_python_start": store_s}
 
 
-def stage_breakdown(tracking_uri: str) -> dict[str, float]:
-    """Seconds inside each stage function (the ``stage_s`` of its MLflow child run), summed by run name, so the
-    growth of each stage can be read apart from the fixed-size held-out evaluation."""
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(tracking_uri)
-    out: dict[str, float] = {}
-    for exp in c.search_experiments():
-        for r in c.search_runs([exp.experiment_id], filter_string="metrics.stage_s >= 0"):
-            if "mlflow.parentRunId" not in r.data.tags:
-                continue  # the round's own run logs the total
-            name = r.data.tags.get("mlflow.runName", "?")
-            out[name] = out.get(name, 0.0) + r.data.metrics["stage_s"]
-    return out
-
-
 # per-stage metrics of the round's MLflow child runs that the roofline split reads (summed by stage name)
 DETAIL_KEYS = {"stage_s": "stage_s", "generated_tokens": "cost.generated_tokens", "generate_s": "cost.generate_s",
                "engine_load_s": "engine_load_s", "train_flops": "cost.train_flops",
@@ -85,6 +69,9 @@ DETAIL_KEYS = {"stage_s": "stage_s", "generated_tokens": "cost.generated_tokens"
 
 
 def stage_details(tracking_uri: str) -> dict[str, dict[str, float]]:
+    """Per stage (summed by MLflow run name over the round's child runs; the round's own run logs the total): its
+    ``stage_s`` and the metrics the roofline split reads, so the growth of each stage can also be read apart from the
+    fixed-size held-out evaluation."""
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(tracking_uri)
