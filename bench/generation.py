@@ -11,7 +11,8 @@ weight bytes`` for a batch of B sequences (B = prompts x K at the start of the b
 KV-cache reads are left out, so it is an upper bound). The fraction reported is of the lower of the two.
 
 ``--variant NAME=JSON`` runs the vLLM side again with those engine arguments (e.g. ``compiled={"enforce_eager":
-false}``), each in its own engine process, so settings are compared in one run.
+false}``) or the worker's own settings (``{"cpu_kernels": "auto"}``, ``{"compile": "on"}``), each in its own engine
+process, so settings are compared in one run.
 Run: python -m bench.generation [--model REF] [--prompts N] [--k K] [--max-tokens T] [--variant NAME=JSON ...]
 """
 
@@ -59,14 +60,20 @@ def hf_generate(model_path: str, prompt_ids: list[list[int]], k: int, max_tokens
             "tokens_per_s": n_tokens / gen_s}
 
 
+SPEC_KEYS = ("compile", "cpu_kernels")
+
+
 def vllm_collect(model_path: str, prompt_ids: list[list[int]], k: int, max_tokens: int, name: str = "",
                  engine_args: dict | None = None) -> dict:
     from pipeline_lib.generation.sampling import SamplingSpec, sample
 
+    # the worker's own settings (SPEC_KEYS) travel beside vLLM's engine arguments
+    args = dict(engine_args or {})
+    own = {key: args.pop(key) for key in SPEC_KEYS if key in args}
     t0 = time.perf_counter()
     _, stats = sample(model_path, prompt_ids, SamplingSpec(n=k, temperature=1.0, top_p=1.0, max_tokens=max_tokens,
                                                            seed=0, quiet=True,
-                                                           extra={"engine_args": engine_args or {}}))
+                                                           extra={"engine_args": args, **own}))
     total = time.perf_counter() - t0
     label = "alignflow collect (vLLM)" + (f" [{name}: {json.dumps(engine_args)}]" if name else "")
     return {"backend": label, "load_s": stats["load_s"], "generate_s": stats["generate_s"],

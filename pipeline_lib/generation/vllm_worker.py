@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from pipeline_lib.generation import cpu_kernels
+
 
 def _engine_env(spec: dict) -> None:
     # CPU: vLLM's default KV-cache reservation fails on small machines; size it explicitly.
@@ -91,7 +93,9 @@ def run(spec: dict):
         "cast_loader", True) else "auto"
 
     t0 = time.perf_counter()
-    engine_args = {"enforce_eager": enforce_eager(spec.get("compile", "auto"), torch.cuda.is_available()),
+    eager = enforce_eager(spec.get("compile", "auto"), torch.cuda.is_available())
+    engine_args = {"enforce_eager": eager,
+                   **cpu_kernels.engine_args(spec.get("cpu_kernels", "native"), torch.cuda.is_available(), eager),
                    **spec.get("engine_args", {})}
     llm = LLM(
         model=spec["model"],
@@ -130,7 +134,8 @@ def run(spec: dict):
                 "finish_reason": c.finish_reason or "",
             })
     stats = {"load_s": t_load, "generate_s": t_gen, "generated_tokens": int(sum(r["n_tokens"] for r in rows)),
-             "compiled": not engine_args["enforce_eager"]}
+             "compiled": not engine_args["enforce_eager"], "cpu_c_kernels": cpu_kernels.active(),
+             "cpu_c_kernel_calls": cpu_kernels.calls}
     return pd.DataFrame(rows), stats
 
 

@@ -1,7 +1,9 @@
-"""vLLM's compiled model (``compile: on``) samples from the same distribution as eager mode and as the model itself.
+"""vLLM's compiled model (``compile: on``) and the eager engine with the C++ RMSNorm kernels (``cpu_kernels: auto``,
+pipeline_lib/generation/cpu_kernels.py) sample from the same distribution as the plain eager engine and as the model
+itself.
 
 The reference is the model's own next-token distribution computed by transformers (weights in bfloat16, as vLLM
-runs them, softmax at the sampling temperature). Both engines draw 4,000 first tokens of one chat prompt; tokens are
+runs them, softmax at the sampling temperature). Each engine draws 4,000 first tokens of one chat prompt; tokens are
 grouped into bins of about equal reference mass (the top token alone holds ~0.31 at T = 0.3 on the tiny model), so
 every bin expects >= 250 draws and Pearson's chi-square is well approximated. A wrong temperature, a wrong logit
 (e.g. a missing layer norm under compilation) or a biased sampler moves the top bin's mass by far more than its
@@ -40,7 +42,7 @@ def _mass_bins(p: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_compiled_and_eager_sample_the_models_distribution(tiny_model):
+def test_compiled_eager_and_c_kernel_engines_sample_the_models_distribution(tiny_model):
     from scipy.stats import chi2_contingency, chisquare
     from transformers import AutoTokenizer
 
@@ -49,15 +51,18 @@ def test_compiled_and_eager_sample_the_models_distribution(tiny_model):
     p = _reference(tiny_model, ids)
     bin_of = _mass_bins(p)
     expected = np.bincount(bin_of, weights=p)
-    counts, compiled = {}, {}
-    for mode in ("off", "on"):
+    engines = {"eager": dict(compile="off"), "compiled": dict(compile="on"),
+               "eager, C kernels": dict(compile="off", extra={"cpu_kernels": "auto"})}
+    counts, flags = {}, {}
+    for name, kw in engines.items():
         df, stats = sample(tiny_model.path, [ids], SamplingSpec(n=N, temperature=T, top_p=1.0, max_tokens=1, seed=0,
-                                                                 quiet=True, compile=mode))
-        compiled[mode] = stats["compiled"]
+                                                                quiet=True, **kw))
+        flags[name] = (stats["compiled"], stats["cpu_c_kernels"], stats["cpu_c_kernel_calls"] > 0)
         first = np.array([t[0] for t in df["response_token_ids"]])
-        counts[mode] = np.bincount(bin_of[first], minlength=len(expected))
-        fit = chisquare(counts[mode], expected / expected.sum() * N)
-        assert fit.pvalue > 1e-3, (mode, counts[mode], (expected * N).round(), fit)
-    assert compiled == {"off": False, "on": True}
-    same = chi2_contingency(np.stack([counts["off"], counts["on"]]))
+        counts[name] = np.bincount(bin_of[first], minlength=len(expected))
+        fit = chisquare(counts[name], expected / expected.sum() * N)
+        assert fit.pvalue > 1e-3, (name, counts[name], (expected * N).round(), fit)
+    assert flags == {"eager": (False, False, False), "compiled": (True, False, False),
+                     "eager, C kernels": (False, True, True)}
+    same = chi2_contingency(np.stack(list(counts.values())))
     assert same.pvalue > 1e-3, (counts, same)
