@@ -1,7 +1,10 @@
 """Does a campaign recipe make the model better? Run it and measure, paired, on IFEval and the builtin held-out set.
 
     python -m bench.efficacy --config configs/ifeval_campaign.yaml --label winner [key=value overrides]
+    python -m bench.efficacy --config configs/ifeval_campaign.yaml --method wpo --label m-wpo-seed1 \
+        round.prompts.seed=1 round.collect.seed=1 round.train.seed=1      # one method of bench.methods.METHODS
     python -m bench.efficacy --table          # the sweep table from every result file
+    python -m bench.efficacy --methods-table  # the recipe's runs by method: each seed, and the mean over seeds
 
 One campaign (``flows/campaign.py``) with its final start-vs-last comparison, IFEval on (541 prompts, greedy): the
 rounds' wall time (what the 60-minute budget counts), then IFEval's four metrics and the held-out metrics before
@@ -97,17 +100,84 @@ def table(results: Path) -> str:
     return md_table(rows, cols)
 
 
+def method_of(round_config: dict) -> str | None:
+    """The bench.methods.METHODS entry a round config is (the most specific one whose switches all match), or None."""
+    from bench.methods import METHODS
+
+    def value(path: str):
+        node = round_config
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    matches = [(len(sw), name) for name, sw in METHODS.items()
+               if all(str(value(k)) == str(v) for k, v in sw.items())]
+    return max(matches)[1] if matches else None
+
+
+def method_rows(results: Path, config_file: str = "configs/ifeval_campaign.yaml") -> list[dict]:
+    """One row per method over the runs of ``config_file`` as written (only seeds, the method's switches and the
+    registered model's name overridden): every seed's IFEval prompt-strict delta with its paired CI, and across seeds
+    the mean delta with a t-interval (n >= 2 seeds; the spread of seeds, which the per-run CIs do not include)."""
+    from scipy import stats
+
+    from bench.methods import METHODS
+
+    allowed = {"rounds", "round.prompts.seed", "round.collect.seed", "round.train.seed", "round.run.registered_model"}
+    by: dict[str, list[dict]] = {}
+    for f in sorted(results.glob("*.json")):
+        r = json.loads(f.read_text())
+        keys = {o.split("=", 1)[0] for o in r.get("overrides", [])}
+        name = method_of(r["config"]["round"])
+        if r.get("status") != "ok" or not r.get("config_file", "").endswith(config_file) or name is None:
+            continue
+        if r["config"]["rounds"] != 6 or not keys <= allowed | {f"round.{k}" for k in METHODS[name]}:
+            continue
+        by.setdefault(name, []).append(r)
+    rows = []
+    for name in METHODS:
+        runs = sorted(by.get(name, []), key=lambda r: r["config"]["round"]["train"]["seed"])
+        if not runs:
+            continue
+        d = [r["paired"]["ifeval.prompt_level_strict"]["delta"] for r in runs]
+        row = {"method": name, "seeds": len(runs),
+               "per seed: IFEval prompt strict Δ (95% CI)": "; ".join(
+                   f"seed {r['config']['round']['train']['seed']}: {_ci(r['paired']['ifeval.prompt_level_strict'])}"
+                   for r in runs),
+               "held-out Δ per seed": "; ".join(f"{r['paired']['pass_rate_strict']['delta']:+.2f}" for r in runs),
+               "mean Δ": f"{sum(d) / len(d):+.3f}",
+               "runs": ", ".join(r["label"] for r in runs)}
+        if len(d) >= 2:
+            lo, hi = stats.t.interval(0.95, len(d) - 1, loc=sum(d) / len(d), scale=stats.sem(d))
+            row["95% t-interval over seeds"] = f"[{lo:+.3f}, {hi:+.3f}]"
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="campaign YAML")
     ap.add_argument("--label", help="name of the result file")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the table of every result in --results")
+    ap.add_argument("--methods-table", action="store_true", help="print the recipe's runs grouped by method")
+    ap.add_argument("--method", help="a bench.methods.METHODS entry: its switches as round.* overrides")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     if a.table:
         print(table(a.results))
         return
+    if a.methods_table:
+        print(md_table(method_rows(a.results), ["method", "seeds", "per seed: IFEval prompt strict Δ (95% CI)",
+                                                "mean Δ", "95% t-interval over seeds", "held-out Δ per seed",
+                                                "runs"]))
+        return
+    if a.method:
+        from bench.methods import METHODS
+
+        if a.method not in METHODS:
+            ap.error(f"--method {a.method}: expected one of {sorted(METHODS)}")
+        a.overrides = [f"round.{k}={v}" for k, v in METHODS[a.method].items()] + list(a.overrides)
     if not a.config or not a.label:
         ap.error("--config and --label are required (or --table)")
     r = run(a.config, a.label, a.overrides, a.results)

@@ -1,0 +1,64 @@
+"""bench.efficacy's per-method table: which method a run is, which runs count, and the mean over seeds with its
+t-interval worked out by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.efficacy import method_of, method_rows
+
+
+def _round(loss="dpo", weighting="none", reference="initial", strategy="best_worst", optimizer="adamw", seed=0):
+    return {"train": {"loss": loss, "weighting": weighting, "reference": reference, "optimizer": optimizer,
+                      "seed": seed, "sail": {"score_term": "baseline", "score_coef": 1.0}},
+            "pairs": {"strategy": strategy, "winprob": "authors"}}
+
+
+def test_method_of_picks_the_most_specific_match():
+    assert method_of(_round()) == "dpo"
+    assert method_of(_round(weighting="wpo")) == "wpo"  # matches dpo's switches too: the more specific wins
+    assert method_of(_round(reference="behavior")) == "bpo"
+    assert method_of(_round(loss="sppo", reference="behavior", strategy="sppo_winprob", optimizer="rmsprop")) == "sppo"
+    assert method_of(_round(loss="sail", strategy="iid_pairs", optimizer="rmsprop")) == "sail"
+    assert method_of(_round(loss="ipo")) is None
+
+
+def _record(tmp_path, label, delta, seed, overrides, rnd, rounds=6, status="ok", config_file="configs/ifeval_campaign.yaml"):
+    r = {"label": label, "status": status, "config_file": config_file, "overrides": overrides,
+         "config": {"rounds": rounds, "round": rnd},
+         "paired": {"ifeval.prompt_level_strict": {"delta": delta, "ci_low": delta - 0.03, "ci_high": delta + 0.03},
+                    "pass_rate_strict": {"delta": 0.1}}}
+    (tmp_path / f"{label}.json").write_text(json.dumps(r))
+
+
+def test_method_rows_mean_and_t_interval_over_seeds(tmp_path):
+    seeds = [f"round.{k}.seed={{s}}" for k in ("prompts", "collect", "train")]
+    for s, d in ((0, 0.06), (1, 0.07), (2, 0.08)):
+        _record(tmp_path, f"wpo{s}", d, s, [x.format(s=s) for x in seeds] + ["round.train.weighting=wpo"],
+                _round(weighting="wpo", seed=s))
+    _record(tmp_path, "dpo0", 0.05, 0, [], _round())
+    # not the recipe: another round count, another lever overridden, a failed run, another config file
+    _record(tmp_path, "dpo-3rounds", 0.02, 0, ["rounds=3"], _round(), rounds=3)
+    _record(tmp_path, "dpo-lr", 0.01, 0, ["round.train.learning_rate=1e-5"], _round())
+    _record(tmp_path, "dpo-failed", 0.0, 0, [], _round(), status="failed")
+    _record(tmp_path, "other", 0.0, 0, [], _round(), config_file="configs/default.yaml")
+    rows = {r["method"]: r for r in method_rows(tmp_path)}
+    assert set(rows) == {"dpo", "wpo"}
+    assert rows["dpo"]["seeds"] == 1 and "95% t-interval over seeds" not in rows["dpo"]
+    w = rows["wpo"]
+    assert w["seeds"] == 3 and w["mean Δ"] == "+0.070"
+    # mean 0.07, sample sd 0.01, sem 0.01/sqrt(3); t(0.975, 2 df) = 4.3027: half-width 0.02484
+    assert w["95% t-interval over seeds"] == "[+0.045, +0.095]"
+    assert w["per seed: IFEval prompt strict Δ (95% CI)"].startswith("seed 0: +0.060 [+0.030, +0.090]")
+    assert w["runs"] == "wpo0, wpo1, wpo2"
+
+
+@pytest.mark.parametrize("argv", [["--method", "nope", "--config", "c.yaml", "--label", "x"]])
+def test_unknown_method_is_refused(argv, capsys):
+    from bench.efficacy import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "--method nope" in capsys.readouterr().err
