@@ -11,7 +11,7 @@ weight bytes`` for a batch of B sequences (B = prompts x K at the start of the b
 KV-cache reads are left out, so it is an upper bound). The fraction reported is of the lower of the two.
 
 ``--variant NAME=JSON`` runs the vLLM side again with those engine arguments (e.g. ``compiled={"enforce_eager":
-false}``) or the worker's own settings (``{"cpu_kernels": "auto"}``, ``{"compile": "on"}``), each in its own engine
+false}``) or the worker's own settings (``{"cpu_kernels": "native"}``, ``{"compile": "on"}``), each in its own engine
 process, so settings are compared in one run.
 Run: python -m bench.generation [--model REF] [--prompts N] [--k K] [--max-tokens T] [--variant NAME=JSON ...]
 """

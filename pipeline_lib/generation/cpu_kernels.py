@@ -8,6 +8,12 @@ build of vLLM ships fused kernels for both ops (``torch.ops._C.rms_norm`` / ``fu
 its IR only selects on GPUs; this module registers them as an IR implementation for CPUs and names it first in the
 engine's ``ir_op_priority``, with "native" after it for any call the kernel does not take (see ``_takes``).
 
+Measured (2026-12-05, the 2-core Intel Xeon, quiet; bench.generation, 32 prompts x 4 samples, <= 128 tokens, one
+run): 662 tokens/s against 624 native (1.06x); a torch.profiler run of 64-token decoding showed why it is small: the
+native norm's elementwise ops (copy_, mul, add, pow, sum, mean: 24,931 copies for 65 steps, 1,274 with the kernels)
+were about 15% of the step, the matmuls 28%, the sampler's Gumbel argmax over the 49,152-token vocabulary 11% and
+attention 11%. Compiled engines (Inductor fuses all elementwise work) made 876 tokens/s in the same run.
+
 Numerics: both forms compute the statistic in float32; the kernel applies the weight before rounding to bfloat16,
 the native form rounds, then multiplies in bfloat16. Against a float64 computation both stay within 1.5 bfloat16 ulps
 (measured on random rows of 64-2,048 features) and they differ from each other by at most 2 ulps; the residual sum is

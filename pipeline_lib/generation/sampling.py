@@ -38,6 +38,7 @@ class SamplingSpec:
     dtype: str = "auto"
     quiet: bool = False
     compile: str = "auto"  # "auto" | "on" | "off": see vllm_worker.enforce_eager
+    cpu_kernels: str = "auto"  # "auto" | "native": vLLM's C++ RMSNorm in eager CPU engines (generation/cpu_kernels.py)
     extra: dict = field(default_factory=dict)
 
 
@@ -73,6 +74,7 @@ def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpe
         "max_model_len": max_prompt + spec.max_tokens + 8,
         "quiet": spec.quiet,
         "compile": spec.compile,
+        "cpu_kernels": spec.cpu_kernels,
         **spec.extra,
     }
     if progress is not None:

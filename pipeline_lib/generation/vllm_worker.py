@@ -95,7 +95,7 @@ def run(spec: dict):
     t0 = time.perf_counter()
     eager = enforce_eager(spec.get("compile", "auto"), torch.cuda.is_available())
     engine_args = {"enforce_eager": eager,
-                   **cpu_kernels.engine_args(spec.get("cpu_kernels", "native"), torch.cuda.is_available(), eager),
+                   **cpu_kernels.engine_args(spec.get("cpu_kernels", "auto"), torch.cuda.is_available(), eager),
                    **spec.get("engine_args", {})}
     llm = LLM(
         model=spec["model"],
