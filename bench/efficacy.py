@@ -5,6 +5,8 @@
         round.prompts.seed=1 round.collect.seed=1 round.train.seed=1      # one method of bench.methods.METHODS
     python -m bench.efficacy --table          # the sweep table from every result file
     python -m bench.efficacy --methods-table  # the recipe's runs by method: each seed, and the mean over seeds
+    python -m bench.efficacy --versus s5-six-rounds-seed1 m-wpo-seed1 --work-dir runs/ifeval-campaign
+                                              # two runs' final models head to head on IFEval, paired
 
 One campaign (``flows/campaign.py``) with its final start-vs-last comparison, IFEval on (541 prompts, greedy): the
 rounds' wall time (what the 60-minute budget counts), then IFEval's four metrics and the held-out metrics before
@@ -154,6 +156,29 @@ def method_rows(results: Path, config_file: str = "configs/ifeval_campaign.yaml"
     return rows
 
 
+def final_ifeval_table(record: dict, work_dir: Path):
+    """The scored IFEval table of a run's last checkpoint, found in the campaign's artifact store by the model's
+    content hash (the manifest records it), so two runs' answers can be compared prompt by prompt."""
+    import pandas as pd
+
+    sha = record["rounds"][-1]["checkpoint"]
+    for manifest in sorted((work_dir / "artifacts" / "ifeval").glob("*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        if m.get("model", {}).get("sha256") == sha:
+            return pd.read_parquet(manifest.parent / "data.parquet")
+    raise FileNotFoundError(f"{record['label']}: no IFEval artifact of its final checkpoint {sha[:12]} under "
+                            f"{work_dir / 'artifacts' / 'ifeval'} (pass the campaign's work dir with --work-dir)")
+
+
+def versus(results: Path, label_a: str, label_b: str, work_dir: Path) -> dict:
+    """IFEval metrics of run B's final model minus run A's, paired over the same 541 prompts (bootstrap CI, McNemar):
+    a head-to-head of two methods that does not go through their (shared) starting point."""
+    from pipeline_lib.evaluation.ifeval import paired_ifeval
+
+    a, b = (json.loads((results / f"{x}.json").read_text()) for x in (label_a, label_b))
+    return paired_ifeval(final_ifeval_table(a, work_dir), final_ifeval_table(b, work_dir))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="campaign YAML")
@@ -162,6 +187,9 @@ def main(argv=None) -> None:
     ap.add_argument("--table", action="store_true", help="print the table of every result in --results")
     ap.add_argument("--methods-table", action="store_true", help="print the recipe's runs grouped by method")
     ap.add_argument("--method", help="a bench.methods.METHODS entry: its switches as round.* overrides")
+    ap.add_argument("--versus", nargs=2, metavar=("LABEL_A", "LABEL_B"), help="B's final model minus A's, on IFEval")
+    ap.add_argument("--work-dir", type=Path, default=Path("runs/ifeval-campaign"), help="with --versus: the "
+                    "campaigns' work dir (their artifact store)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     if a.table:
@@ -171,6 +199,11 @@ def main(argv=None) -> None:
         print(md_table(method_rows(a.results), ["method", "seeds", "per seed: IFEval prompt strict Δ (95% CI)",
                                                 "mean Δ", "95% t-interval over seeds", "held-out Δ per seed",
                                                 "runs"]))
+        return
+    if a.versus:
+        out = versus(a.results, *a.versus, a.work_dir)
+        print(json.dumps({k: {m: v[m] for m in ("before", "after", "delta", "ci_low", "ci_high", "p_value",
+                                                 "n_gained", "n_lost") if m in v} for k, v in out.items()}, indent=1))
         return
     if a.method:
         from bench.methods import METHODS

@@ -62,3 +62,34 @@ def test_unknown_method_is_refused(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and "--method nope" in capsys.readouterr().err
+
+
+def _ifeval_artifact(work_dir, name, sha, strict_all):
+    import pandas as pd
+
+    d = work_dir / "artifacts" / "ifeval" / name
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"model": {"sha256": sha}}))
+    pd.DataFrame({"key": list(range(len(strict_all))), "strict_all": strict_all, "loose_all": strict_all,
+                  "strict_follow": [[bool(x)] for x in strict_all],
+                  "loose_follow": [[bool(x)] for x in strict_all]}).to_parquet(d / "data.parquet")
+
+
+def test_versus_pairs_two_runs_final_models_by_their_checkpoint_hash(tmp_path):
+    from bench.efficacy import versus
+
+    results, work = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    for label, sha in (("a", "aa" * 32), ("b", "bb" * 32)):
+        (results / f"{label}.json").write_text(json.dumps({"label": label, "rounds": [{"checkpoint": sha}]}))
+    # 10 prompts: B gains prompts 0-3 and loses prompt 9 against A; the start model's table is there too
+    _ifeval_artifact(work, "k0", "00" * 32, [0] * 10)
+    _ifeval_artifact(work, "k1", "aa" * 32, [0, 0, 0, 0, 1, 1, 0, 0, 0, 1])
+    _ifeval_artifact(work, "k2", "bb" * 32, [1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+    out = versus(results, "a", "b", work)["prompt_level_strict"]
+    assert (out["before"], out["after"], out["delta"]) == (0.3, 0.6, pytest.approx(0.3))
+    assert (out["n_gained"], out["n_lost"]) == (4, 1)
+    assert out["p_value"] == pytest.approx(12 / 32)  # two-sided exact binomial: 2 * P(X <= 1 | n=5, 1/2) = 2 * 6/32
+    with pytest.raises(FileNotFoundError, match="no IFEval artifact of its final checkpoint cccccccccccc"):
+        (results / "c.json").write_text(json.dumps({"label": "c", "rounds": [{"checkpoint": "cc" * 32}]}))
+        versus(results, "a", "c", work)
