@@ -11,11 +11,11 @@ engine's ``ir_op_priority``, with "native" after it for any call the kernel does
 Measured (2026-12-05, the 2-core Intel Xeon, quiet; bench.generation, 32 prompts x 4 samples, <= 128 tokens, one
 run): 662 tokens/s against 624 native (1.06x); a torch.profiler run of 64-token decoding showed why it is small: the
 native norm's elementwise ops (copy_, mul, add, pow, sum, mean: 24,931 copies for 65 steps, 1,274 with the kernels)
-were about 15% of the step, the matmuls 28%, the sampler's Gumbel argmax over the 49,152-token vocabulary 11% and
-attention 11%. Compiled engines (Inductor fuses all elementwise work) made 876 tokens/s in the same run.
+were 15-19% of the step, the matmuls 36%, attention 18% and the sampler's Gumbel argmax over the 49,152-token
+vocabulary 13%. Compiled engines (Inductor fuses all elementwise work) made 876 tokens/s in the same run.
 
-Numerics: both forms compute the statistic in float32; the kernel applies the weight before rounding to bfloat16,
-the native form rounds, then multiplies in bfloat16. Against a float64 computation both stay within 1.5 bfloat16 ulps
+Numerics: the two forms round at different points (the native one rounds the normalised row to bfloat16 before the
+weight multiply). Against a float64 computation both stay within 1.5 bfloat16 ulps
 (measured on random rows of 64-2,048 features) and they differ from each other by at most 2 ulps; the residual sum is
 identical (tests/unit/test_cpu_kernels.py). Sampled tokens can therefore differ from the native path's for the same
 seed while the distribution stays the model's: tests/integration/test_vllm_compiled_distribution.py checks it.
