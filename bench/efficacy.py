@@ -53,6 +53,12 @@ def run(config: str, label: str, overrides: list[str], results: Path) -> dict:
                       after=final["after"], paired=final["paired"], mlflow_run_id=final["mlflow_run_id"],
                       rounds=[{"pairs": s["pairs"], "stage_s": s.get("stage_s"), "wall_s": s["wall_s"],
                                "checkpoint": s["artifacts"]["checkpoint"]} for s in result["rounds"]])
+        # the final model's answers prompt by prompt, so later runs can be compared with this one head to head
+        # (--versus) from the result files alone, after the work dir is gone; a miss here does not fail the run
+        try:
+            record["final_ifeval"] = compact_ifeval(final_ifeval_table(record, Path(cfg.round.run.work_dir)))
+        except (FileNotFoundError, KeyError) as e:
+            record["final_ifeval_error"] = str(e)
     except Exception as e:  # noqa: BLE001  (a failed recipe is a row of the sweep table too)
         record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
     record["total_wall_s"] = time.perf_counter() - t0
@@ -156,11 +162,24 @@ def method_rows(results: Path, config_file: str = "configs/ifeval_campaign.yaml"
     return rows
 
 
-def final_ifeval_table(record: dict, work_dir: Path):
-    """The scored IFEval table of a run's last checkpoint, found in the campaign's artifact store by the model's
-    content hash (the manifest records it), so two runs' answers can be compared prompt by prompt."""
+def compact_ifeval(scored) -> dict[str, list]:
+    """A scored IFEval table as JSON-ready columns: prompt keys, the prompt-level verdicts, the per-instruction ones."""
+    return {"key": [str(k) for k in scored["key"]],
+            **{c: [bool(x) for x in scored[c]] for c in ("strict_all", "loose_all")},
+            **{c: [[bool(x) for x in f] for f in scored[c]] for c in ("strict_follow", "loose_follow")}}
+
+
+def final_ifeval_table(record: dict, work_dir: Path | None):
+    """The scored IFEval table of a run's last checkpoint: from its result file when it carries one, else found in
+    the campaign's artifact store by the model's content hash (the manifest records it), so two runs' answers can be
+    compared prompt by prompt."""
     import pandas as pd
 
+    if record.get("final_ifeval"):
+        return pd.DataFrame(record["final_ifeval"])
+    if work_dir is None:
+        raise FileNotFoundError(f"{record['label']}: its result file has no per-prompt IFEval table; pass the "
+                                f"campaign's work dir with --work-dir")
     sha = record["rounds"][-1]["checkpoint"]
     for manifest in sorted((work_dir / "artifacts" / "ifeval").glob("*/manifest.json")):
         m = json.loads(manifest.read_text())
@@ -170,7 +189,7 @@ def final_ifeval_table(record: dict, work_dir: Path):
                             f"{work_dir / 'artifacts' / 'ifeval'} (pass the campaign's work dir with --work-dir)")
 
 
-def versus(results: Path, label_a: str, label_b: str, work_dir: Path) -> dict:
+def versus(results: Path, label_a: str, label_b: str, work_dir: Path | None) -> dict:
     """IFEval metrics of run B's final model minus run A's, paired over the same 541 prompts (bootstrap CI, McNemar):
     a head-to-head of two methods that does not go through their (shared) starting point."""
     from pipeline_lib.evaluation.ifeval import paired_ifeval
@@ -188,8 +207,8 @@ def main(argv=None) -> None:
     ap.add_argument("--methods-table", action="store_true", help="print the recipe's runs grouped by method")
     ap.add_argument("--method", help="a bench.methods.METHODS entry: its switches as round.* overrides")
     ap.add_argument("--versus", nargs=2, metavar=("LABEL_A", "LABEL_B"), help="B's final model minus A's, on IFEval")
-    ap.add_argument("--work-dir", type=Path, default=Path("runs/ifeval-campaign"), help="with --versus: the "
-                    "campaigns' work dir (their artifact store)")
+    ap.add_argument("--work-dir", type=Path, default=Path("runs/ifeval-campaign"), help="with --versus, for result "
+                    "files without a per-prompt table: the campaigns' work dir (their artifact store)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     if a.table:

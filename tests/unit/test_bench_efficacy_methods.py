@@ -70,7 +70,7 @@ def _ifeval_artifact(work_dir, name, sha, strict_all):
     d = work_dir / "artifacts" / "ifeval" / name
     d.mkdir(parents=True)
     (d / "manifest.json").write_text(json.dumps({"model": {"sha256": sha}}))
-    pd.DataFrame({"key": list(range(len(strict_all))), "strict_all": strict_all, "loose_all": strict_all,
+    pd.DataFrame({"key": [str(k) for k in range(len(strict_all))], "strict_all": strict_all, "loose_all": strict_all,
                   "strict_follow": [[bool(x)] for x in strict_all],
                   "loose_follow": [[bool(x)] for x in strict_all]}).to_parquet(d / "data.parquet")
 
@@ -93,3 +93,28 @@ def test_versus_pairs_two_runs_final_models_by_their_checkpoint_hash(tmp_path):
     with pytest.raises(FileNotFoundError, match="no IFEval artifact of its final checkpoint cccccccccccc"):
         (results / "c.json").write_text(json.dumps({"label": "c", "rounds": [{"checkpoint": "cc" * 32}]}))
         versus(results, "a", "c", work)
+
+
+def test_versus_from_result_files_alone_matches_the_artifact_store(tmp_path):
+    """A result file carries its final model's per-prompt table (as run() writes it, through JSON): the head-to-head
+    needs no work dir and gives what the artifact store gives."""
+    import pandas as pd
+
+    from bench.efficacy import compact_ifeval, versus
+
+    results, work = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    tables = {"a": [0, 0, 0, 0, 1, 1, 0, 0, 0, 1], "b": [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]}
+    for label, strict in tables.items():
+        sha = label * 64
+        _ifeval_artifact(work, f"k{label}", sha, strict)
+        scored = pd.read_parquet(work / "artifacts" / "ifeval" / f"k{label}" / "data.parquet")  # lists as arrays
+        (results / f"{label}.json").write_text(json.dumps({"label": label, "rounds": [{"checkpoint": sha}],
+                                                           "final_ifeval": compact_ifeval(scored)}))
+    from_files = versus(results, "a", "b", None)
+    (results / "a.json").write_text(json.dumps({"label": "a", "rounds": [{"checkpoint": "a" * 64}]}))
+    from_store = versus(results, "a", "b", work)  # a from the store, b from its file
+    assert from_files == from_store
+    assert (from_files["prompt_level_strict"]["n_gained"], from_files["prompt_level_strict"]["n_lost"]) == (4, 1)
+    with pytest.raises(FileNotFoundError, match="no per-prompt IFEval table"):
+        versus(results, "a", "b", None)
