@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline_lib.child_process import child_env, die_with_parent
+from pipeline_lib.generation import warm
 from pipeline_lib.report.progress import Progress, fmt_duration
 
 
@@ -39,6 +40,7 @@ class SamplingSpec:
     quiet: bool = False
     compile: str = "auto"  # "auto" | "on" | "off": see vllm_worker.enforce_eager
     cpu_kernels: str = "auto"  # "auto" | "native": vLLM's C++ RMSNorm in eager CPU engines (generation/cpu_kernels.py)
+    reuse_worker: str = "auto"  # "auto" | "on" | "off": run in the kept worker process (generation/warm.py)
     extra: dict = field(default_factory=dict)
 
 
@@ -83,22 +85,32 @@ def sample(model_path: str, prompt_token_ids: list[list[int]], spec: SamplingSpe
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.parquet"
         spec_path.write_text(json.dumps(payload))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline_lib.generation.vllm_worker", str(spec_path), str(out_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(), preexec_fn=die_with_parent,
-        )
         start, rows = (progress.done if progress is not None else 0), len(prompt_token_ids) * spec.n
         on_count = None
         if progress is not None:  # the last count comes with the worker's stats, below
             def on_count(done: int) -> None:
                 if 0 < done * spec.n < rows:
                     progress.set(start + done * spec.n)
-        tail = _relay(proc.stdout, echo=not spec.quiet, on_prompts_done=on_count)
-        rc = proc.wait()
-        if rc != 0 or not out_path.is_file():
-            raise GenerationError(f"vLLM worker for {model_path} exited with {rc}:\n{tail}")
+        relay = Relay(echo=not spec.quiet, on_prompts_done=on_count)
+        kept = False
+        if warm.wanted(spec.reuse_worker, spec.tensor_parallel_size):
+            try:
+                kept = warm.run_kept(str(spec_path), str(out_path), relay.feed)
+            except warm.WorkerDied as e:
+                raise GenerationError(f"vLLM worker for {model_path} failed: {e}\n{relay.tail}") from e
+        if not kept:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline_lib.generation.vllm_worker", str(spec_path), str(out_path)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(), preexec_fn=die_with_parent,
+            )
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+                relay.feed(chunk)
+            rc = proc.wait()
+            if rc != 0 or not out_path.is_file():
+                raise GenerationError(f"vLLM worker for {model_path} exited with {rc}:\n{relay.tail}")
         df = pd.read_parquet(out_path)
         stats = json.loads((Path(str(out_path) + ".stats.json")).read_text())
+        stats["kept_worker"] = kept
     if progress is not None:
         progress.set(start + len(df), extra=f"{stats['generated_tokens'] / max(stats['generate_s'], 1e-9):.0f} tok/s, "
                                        f"engine load {fmt_duration(stats['load_s'])}")
@@ -126,17 +138,24 @@ def sweep_stale_tmp() -> list[Path]:
 _BAR_COUNT = re.compile(rb"Processed prompts:[^|]*\|[^|]*\|\s*(\d+)/(\d+)")
 
 
-def _relay(stream, echo: bool, keep: int = 4000, on_prompts_done=None) -> str:
+class Relay:
     """Copy the worker's output (vLLM's progress bar included) to our stderr while it runs (the run's log unless
     ``--verbose``: pipeline_lib/console.py); keep the tail for errors. ``on_prompts_done(n)`` gets the count of
     vLLM's bar ("Processed prompts: ... n/N") as it moves, so the product's own progress line moves with it."""
-    tail = b""
-    for chunk in iter(lambda: stream.read1(4096), b""):
-        if on_prompts_done is not None and (counts := _BAR_COUNT.findall(tail[-200:] + chunk)):
-            on_prompts_done(int(counts[-1][0]))
-        if echo:
+
+    def __init__(self, echo: bool, keep: int = 4000, on_prompts_done=None):
+        self.echo, self.keep, self.on_prompts_done = echo, keep, on_prompts_done
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.on_prompts_done is not None and (counts := _BAR_COUNT.findall(self._tail[-200:] + chunk)):
+            self.on_prompts_done(int(counts[-1][0]))
+        if self.echo and chunk:
             buf = getattr(sys.stderr, "buffer", None)
             buf.write(chunk) if buf is not None else sys.stderr.write(chunk.decode(errors="replace"))
             sys.stderr.flush()
-        tail = (tail + chunk)[-keep:]
-    return tail.decode(errors="replace")
+        self._tail = (self._tail + chunk)[-self.keep:]
+
+    @property
+    def tail(self) -> str:
+        return self._tail.decode(errors="replace")

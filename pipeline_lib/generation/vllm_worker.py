@@ -6,6 +6,8 @@ clean engine, frees everything when it returns, and turns a crash into an ordina
 
 Protocol: ``python -m pipeline_lib.generation.vllm_worker SPEC.json OUT.parquet``. SPEC holds the model path, the
 prompt token ids, and sampling/engine settings; OUT gets one row per (prompt, sample).
+``python -m pipeline_lib.generation.vllm_worker --serve IDLE_S`` keeps the process (its imports) for one job after
+another: see ``pipeline_lib/generation/warm.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import sys
 import time
 
 from pipeline_lib.generation import cpu_kernels
+
+
+ENGINE_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
 
 
 def _engine_env(spec: dict) -> None:
@@ -92,7 +97,7 @@ def run(spec: dict):
     load_format = register_cast_loader() if spec.get("tensor_parallel_size", 1) == 1 and spec.get(
         "cast_loader", True) else "auto"
 
-    t0 = time.perf_counter()
+    t0, calls_before = time.perf_counter(), cpu_kernels.calls  # a served process runs many jobs: count this one's
     eager = enforce_eager(spec.get("compile", "auto"), torch.cuda.is_available())
     engine_args = {"enforce_eager": eager,
                    **cpu_kernels.engine_args(spec.get("cpu_kernels", "auto"), torch.cuda.is_available(), eager),
@@ -135,7 +140,7 @@ def run(spec: dict):
             })
     stats = {"load_s": t_load, "generate_s": t_gen, "generated_tokens": int(sum(r["n_tokens"] for r in rows)),
              "compiled": not engine_args["enforce_eager"], "cpu_c_kernels": cpu_kernels.active(),
-             "cpu_c_kernel_calls": cpu_kernels.calls}
+             "cpu_c_kernel_calls": cpu_kernels.calls - calls_before}
     return pd.DataFrame(rows), stats
 
 
@@ -154,14 +159,73 @@ def _progress_bar():
     return _Bar
 
 
-def main(argv: list[str]) -> int:
-    spec_path, out_path = argv
-    spec = json.loads(open(spec_path).read())
-    df, stats = run(spec)
+def job(spec_path: str, out_path: str) -> None:
+    df, stats = run(json.loads(open(spec_path).read()))
     df.to_parquet(out_path + ".tmp", index=False)
     os.replace(out_path + ".tmp", out_path)
     with open(out_path + ".stats.json", "w") as f:
         json.dump(stats, f)
+
+
+JOB_END = b"\x1e@alignflow-job-end "  # the line that closes a served job's output: JOB_END + JSON + newline
+
+
+def serve(idle_s: float) -> int:
+    """Run jobs read from stdin (one JSON line each: ``{"spec": ..., "out": ...}``) in this process, one engine per
+    job, closing each job's output with a JOB_END line. What is reused is the process: Python, torch and vLLM
+    imported once (about as long as the engine's own start on CPU). Each job still gets its own engine, built from
+    its spec and freed when it ends, so training between jobs gets the memory back and a job's samples are the ones
+    a fresh process draws (same engine seed, same tokens: tests/integration/test_warm_worker.py).
+    Exits on EOF, after ``idle_s`` without a job, and after a failed job (the next one starts from a clean process)."""
+    import gc
+    import select
+    import traceback
+
+    import threading
+
+    import vllm  # noqa: F401  (the point of a served process: pay the import before the first job arrives)
+
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+    base = {k: os.environ.get(k) for k in ENGINE_ENV}  # what the parent set; jobs' own settings are reset after each
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], idle_s)
+        line = sys.stdin.readline() if ready else ""
+        if not line:
+            return 0
+        request, result = json.loads(line), {"ok": True}
+        for k, v in base.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        import vllm.envs
+
+        # the last engine cached the environment (vLLM >= 0.11); this job's settings must apply
+        getattr(vllm.envs, "disable_envs_cache", lambda: None)()
+        try:
+            job(request["spec"], request["out"])
+        except BaseException as e:  # noqa: BLE001  (reported to the parent, then this process ends)
+            traceback.print_exc()
+            result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        gc.collect()  # the engine (KV cache, weights) goes now, not at some later collection
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(sys.stdout.fileno(), b"\n" + JOB_END + json.dumps(result).encode() + b"\n")
+        if not result["ok"]:
+            return 1
+
+
+def _exit_with_parent(ppid: int) -> None:
+    """End this process soon after its parent ends, mid-job included (kill -9 of a round must not leave an engine
+    running). Not PR_SET_PDEATHSIG: that fires when the *thread* that started the child ends, and the kept worker
+    outlives the task thread that happened to start it."""
+    while os.getppid() == ppid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--serve"]:
+        return serve(float(argv[1]))
+    job(*argv)
     return 0
 
 

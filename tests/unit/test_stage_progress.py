@@ -46,6 +46,7 @@ def fake_worker(tmp_path, monkeypatch):
     """))
     script.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(script))
+    monkeypatch.setenv("ALIGNFLOW_REUSE_WORKER", "off")  # one fake process per call, not the kept-worker protocol
 
 
 @pytest.fixture
@@ -156,6 +157,7 @@ def test_worker_failure_leaves_the_count_at_its_start(tiny_model, prompts, tmp_p
     script.write_text("#!/bin/sh\necho engine died >&2\nexit 3\n")
     script.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(script))
+    monkeypatch.setenv("ALIGNFLOW_REUSE_WORKER", "off")  # one fake process per call, not the kept-worker protocol
     with pytest.raises(GenerationError, match="exited with 3"):
         collect(tiny_model, prompts, CollectConfig(k=2), tmp_path / "work")
     out = lines(capsys.readouterr().err)
