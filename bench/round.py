@@ -11,12 +11,14 @@ By default the MLflow store exists before the round starts, as it does for every
 (``--cold-store``: each round creates it, as a project's very first round does).
 Each round runs in a fresh process (``alignflow run``) with its own work dir, so nothing is cached between sizes.
 Run: python -m bench.round [--sizes 32 64 128] [--config configs/default.yaml] [key=value ...]
+     python -m bench.round --reuse-compare --sizes 64   # rounds with the kept vLLM worker off and on
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +33,8 @@ RSS_PROBE = ("import json,resource,runpy,sys;sys.argv=['alignflow']+sys.argv[1:]
              "'children_gib':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/2**20}));sys.exit(rc)")
 
 
-def run_round(config: str, n_train: int, overrides: list[str], warm_store: bool = True) -> dict:
+def run_round(config: str, n_train: int, overrides: list[str], warm_store: bool = True,
+              env: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="alignflow-bench-") as tmp:
         store_s = 0.0
         if warm_store:  # a scheduled round finds its MLflow store in place; creating one is a one-time cost
@@ -43,7 +46,7 @@ def run_round(config: str, n_train: int, overrides: list[str], warm_store: bool 
                 f"prompts.n_train={n_train}", f"run.work_dir={tmp}/work",
                 f"run.mlflow_tracking_uri=sqlite:///{tmp}/mlflow.db", *overrides]
         t0 = time.perf_counter()
-        p = subprocess.run(args, capture_output=True, text=True)
+        p = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
         wall = time.perf_counter() - t0
         details = stage_details(f"sqlite:///{tmp}/mlflow.db") if p.returncode == 0 else {}
         per_stage = {name: d["stage_s"] for name, d in details.items()}
@@ -112,14 +115,38 @@ def roofline_split(details: dict[str, dict[str, float]], n_matmul: int, peak_tfl
     return rows + [total]
 
 
+def reuse_compare(config: str, n_train: int, overrides: list[str]) -> dict:
+    """The kept vLLM worker's effect on a whole round: rounds with ALIGNFLOW_REUSE_WORKER off and on, in the order
+    off, on, on, off (a drift of the machine during the runs falls on both sides alike), each in its own process and
+    work dir; per side the mean round wall, and the seconds inside the generating stages."""
+    runs = [(mode, run_round(config, n_train, overrides, env={"ALIGNFLOW_REUSE_WORKER": mode}))
+            for mode in ("off", "on", "on", "off")]
+    rows = [{"reuse_worker": m, "round_wall_s": r["round_wall_s"], **{f"{k} s": v for k, v in
+                                                                      sorted(r["per_stage_s"].items())}}
+            for m, r in runs]
+    mean = {m: sum(r["round_wall_s"] for mm, r in runs if mm == m) / 2 for m in ("off", "on")}
+    return {"rows": rows, "runs": [{"reuse_worker": m, **r} for m, r in runs], "mean_round_wall_s": mean,
+            "saved_s": mean["off"] - mean["on"], "saved_share": 1 - mean["on"] / mean["off"]}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--reuse-compare", action="store_true",
+                    help="rounds at the first size with the kept vLLM worker off and on (off, on, on, off)")
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--cold-store", action="store_true",
                     help="let each round create its MLflow store (a first round's one-time cost, ~2.5 s here)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
+    if a.reuse_compare:
+        out = {"bench": "round_reuse", "machine": machine(), "settings": vars(a),
+               **reuse_compare(a.config, a.sizes[0], a.overrides)}
+        save("round_reuse", out)
+        print(md_table(out["rows"], list(out["rows"][0])))
+        print(f"\nmean round wall: off {out['mean_round_wall_s']['off']:.1f} s, on {out['mean_round_wall_s']['on']:.1f} s"
+              f": {out['saved_s']:.1f} s saved ({out['saved_share']:.1%})")
+        return out
     from bench.common import matmul_peak_tflops
     from bench.generation import matmul_params
     from pipeline_lib.config import load_config
