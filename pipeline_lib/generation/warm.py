@@ -70,8 +70,7 @@ class KeptWorker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(self.context[2]))
         # no die_with_parent (PR_SET_PDEATHSIG) here: it fires when the spawning *thread* ends, and a kept worker
         # outlives the task thread that started it; the worker watches its parent process itself
-        self.last_used = time.monotonic()
-        self.jobs = 0
+        self.last_used, self.jobs, self._pending = time.monotonic(), 0, b""
 
     def usable(self) -> bool:
         # a margin below the worker's own idle timeout, so a call never races the worker's exit; a changed
@@ -99,26 +98,38 @@ class KeptWorker:
             raise WorkerDied(result.get("error", "the call failed"))
 
     def _read_until_end(self, feed) -> dict | None:
-        keep = len(JOB_END) - 1  # bytes held back in case the end line is split across reads
-        buf = b""
-        for chunk in iter(lambda: self.proc.stdout.read1(4096), b""):
+        """The worker ends a job's output with "\\n" + JOB_END + JSON + "\\n". What it wrote before goes to ``feed``,
+        closed by a newline if it lacked one (as a process's output is when it exits), so the caller's next line
+        starts a line of its own."""
+        keep, last = len(JOB_END), b"\n"  # held back: the end marker and its newline may be split across reads
+        buf, pending, self._pending = b"", self._pending, b""  # pending: what followed the last end line in its read
+
+        def out(b: bytes) -> None:
+            nonlocal last
+            if b:
+                feed(b)
+                last = b[-1:]
+
+        for chunk in _chunks(pending, self.proc.stdout):
             buf += chunk
-            at = buf.find(JOB_END)
+            at = buf.find(b"\n" + JOB_END)
             if at < 0:
                 if len(buf) > keep:
-                    feed(buf[:-keep])
+                    out(buf[:-keep])
                     buf = buf[-keep:]
                 continue
-            feed(buf[:at].rstrip(b"\n"))
-            rest = buf[at + len(JOB_END):]
+            out(buf[:at])
+            if last != b"\n":
+                out(b"\n")
+            rest = buf[at + 1 + len(JOB_END):]
             while b"\n" not in rest:
                 more = self.proc.stdout.read1(4096)
                 if not more:
                     return None
                 rest += more
-            return json.loads(rest.split(b"\n", 1)[0])
-        if buf:
-            feed(buf)
+            line, self._pending = rest.split(b"\n", 1)
+            return json.loads(line)
+        out(buf)
         return None
 
     def close(self, timeout: float = 5.0) -> int | None:
@@ -130,6 +141,13 @@ class KeptWorker:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def _chunks(first: bytes, stream):
+    """``first`` (when not empty), then the stream's reads until EOF."""
+    if first:
+        yield first
+    yield from iter(lambda: stream.read1(4096), b"")
 
 
 _lock = threading.Lock()
