@@ -46,6 +46,8 @@ def wanted(mode: str, tensor_parallel_size: int) -> bool:
         import torch
 
         env = os.environ.get("ALIGNFLOW_REUSE_WORKER", "auto").strip().lower() or "auto"
+        if env not in ("on", "off", "auto"):
+            raise ValueError(f"ALIGNFLOW_REUSE_WORKER={env!r}: expected on, off or auto")
         if env != "auto":
             return wanted(env, tensor_parallel_size)
         return tensor_parallel_size == 1 and not torch.cuda.is_available()

@@ -80,6 +80,9 @@ def test_reuse_modes(monkeypatch):
     assert warm.wanted("auto", 1) and not warm.wanted("auto", 2)  # this machine has no CUDA
     monkeypatch.setenv("ALIGNFLOW_REUSE_WORKER", "off")
     assert not warm.wanted("auto", 1) and warm.wanted("on", 1)  # the variable speaks only for "auto"
+    monkeypatch.setenv("ALIGNFLOW_REUSE_WORKER", "yes")
+    with pytest.raises(ValueError, match="ALIGNFLOW_REUSE_WORKER='yes'"):
+        warm.wanted("auto", 1)
     with pytest.raises(ValueError, match="reuse_worker='sometimes'"):
         warm.wanted("sometimes", 1)
 
