@@ -30,6 +30,13 @@ def _engine_env(spec: dict) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # vLLM sets its loggers' level once, at import: a served process (one import, many jobs) follows each job's
+    # VLLM_LOGGING_LEVEL here, so a job logs what it would in a process of its own
+    import logging
+
+    level, logger = os.environ["VLLM_LOGGING_LEVEL"].upper(), logging.getLogger("vllm")
+    for x in (logger, *logger.handlers):
+        x.setLevel(level)
 
 
 CAST_LOADER = "alignflow_cast"
@@ -85,6 +92,8 @@ def register_cast_loader() -> str:
 
 
 def run(spec: dict):
+    import logging
+
     import pandas as pd
 
     _engine_env(spec)
@@ -140,7 +149,9 @@ def run(spec: dict):
             })
     stats = {"load_s": t_load, "generate_s": t_gen, "generated_tokens": int(sum(r["n_tokens"] for r in rows)),
              "compiled": not engine_args["enforce_eager"], "cpu_c_kernels": cpu_kernels.active(),
-             "cpu_c_kernel_calls": cpu_kernels.calls - calls_before}
+             "cpu_c_kernel_calls": cpu_kernels.calls - calls_before,
+             "engine_env": {k: os.environ.get(k) for k in ENGINE_ENV},
+             "vllm_log_level": logging.getLevelName(logging.getLogger("vllm").getEffectiveLevel())}
     return pd.DataFrame(rows), stats
 
 
@@ -187,14 +198,16 @@ def serve(idle_s: float) -> int:
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
-    base = {k: os.environ.get(k) for k in ENGINE_ENV}  # what the parent set; jobs' own settings are reset after each
+    base = {k: os.environ.get(k) for k in ENGINE_ENV}  # what the parent set at the start
     while True:
         ready, _, _ = select.select([sys.stdin], [], [], idle_s)
         line = sys.stdin.readline() if ready else ""
         if not line:
             return 0
         request, result = json.loads(line), {"ok": True}
-        for k, v in base.items():
+        # each job gets the engine settings its caller has now (a fresh process would inherit those), not what the
+        # last job set or defaulted
+        for k, v in {**base, **request.get("env", {})}.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         import vllm.envs
 

@@ -25,7 +25,7 @@ import threading
 import time
 
 from pipeline_lib.child_process import child_env
-from pipeline_lib.generation.vllm_worker import JOB_END
+from pipeline_lib.generation.vllm_worker import ENGINE_ENV, JOB_END
 
 IDLE_S = 600.0
 
@@ -60,8 +60,19 @@ def wanted(mode: str, tensor_parallel_size: int) -> bool:
 
 def _context() -> tuple:
     """What a worker inherits at its start and a later call must share: the interpreter, the working directory (a
-    relative model path) and the environment it would be given (HF_HOME, VLLM_* settings)."""
-    return sys.executable, os.getcwd(), tuple(sorted(child_env().items()))
+    relative model path) and the environment it would be given (HF_HOME, thread settings), less the engine settings
+    (ENGINE_ENV) that travel with each call. Why not those: they change inside a round for reasons that do not touch
+    the worker (importing TRL in the parent sets VLLM_LOGGING_LEVEL=ERROR when unset, trl/_compat.py), and a change
+    there made every stage after the train stage start a new worker (bench.round --reuse-compare, 2026-12-05: the
+    champion's evaluation never reused it)."""
+    env = {k: v for k, v in child_env().items() if k not in ENGINE_ENV}
+    return sys.executable, os.getcwd(), tuple(sorted(env.items()))
+
+
+def _engine_env() -> dict[str, str | None]:
+    """The engine settings a fresh worker would inherit now (None: unset); the kept worker applies them per call."""
+    env = child_env()
+    return {k: env.get(k) for k in ENGINE_ENV}
 
 
 class KeptWorker:
@@ -84,7 +95,8 @@ class KeptWorker:
         """One call: send it, pass the worker's output to ``feed(bytes)`` until the job's end line, raise
         WorkerDied (with the worker ended) if it fails or the process goes away."""
         try:
-            self.proc.stdin.write((json.dumps({"spec": spec_path, "out": out_path}) + "\n").encode())
+            request = {"spec": spec_path, "out": out_path, "env": _engine_env()}
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError) as e:
             self.close()

@@ -66,6 +66,32 @@ def test_failed_call_ends_the_worker_and_the_next_call_starts_another(tiny_model
 
 
 @pytest.mark.slow
+def test_engine_settings_travel_with_each_call_and_other_changes_start_a_new_worker(tiny_model, no_kept_worker,
+                                                                                      monkeypatch):
+    """A round's parent changes engine settings between calls (importing TRL sets VLLM_LOGGING_LEVEL=ERROR when it is
+    unset): the kept worker serves on with each call's own settings, as a fresh process would inherit them. A change
+    to the rest of the environment (thread counts, HF_HOME) needs a new worker: those are read at import."""
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    _, st1 = sample(tiny_model.path, IDS, _spec(reuse_worker="on"))
+    pid = warm.kept_pid()
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "ERROR")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    _, st2 = sample(tiny_model.path, IDS, _spec(reuse_worker="on"))
+    assert st2["kept_worker"] and warm.kept_pid() == pid
+    assert st1["engine_env"]["VLLM_LOGGING_LEVEL"] == "WARNING"  # the worker's default when the caller sets none
+    assert st1["engine_env"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert st2["engine_env"]["VLLM_LOGGING_LEVEL"] == "ERROR" and st2["engine_env"]["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert st2["vllm_log_level"] == "ERROR" and st1["vllm_log_level"] == "WARNING"
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL")  # back to unset: the call gets the default again, not the last value
+    _, st3 = sample(tiny_model.path, IDS, _spec(reuse_worker="on"))
+    assert warm.kept_pid() == pid and st3["engine_env"]["VLLM_LOGGING_LEVEL"] == "WARNING"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _, st4 = sample(tiny_model.path, IDS, _spec(reuse_worker="on"))
+    assert st4["kept_worker"] and warm.kept_pid() not in (None, pid)
+
+
+@pytest.mark.slow
 def test_kept_worker_ends_after_its_idle_time():
     w = warm.KeptWorker(idle_s=2.0)
     try:
