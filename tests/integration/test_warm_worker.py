@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 
 import pytest
 
@@ -86,7 +87,8 @@ def test_engine_settings_travel_with_each_call_and_other_changes_start_a_new_wor
     monkeypatch.delenv("VLLM_LOGGING_LEVEL")  # back to unset: the call gets the default again, not the last value
     _, st3 = sample(tiny_model.path, IDS, _spec(reuse_worker="on"))
     assert warm.kept_pid() == pid and st3["engine_env"]["VLLM_LOGGING_LEVEL"] == "WARNING"
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # any other variable is read by the worker's imports or its engine for all it knows: a value no earlier test set
+    monkeypatch.setenv("ALIGNFLOW_TEST_ENV_MARK", uuid.uuid4().hex)
     _, st4 = sample(tiny_model.path, IDS, _spec(reuse_worker="on"))
     assert st4["kept_worker"] and warm.kept_pid() not in (None, pid)
 
