@@ -16,7 +16,7 @@ import time
 def profile(model_ref: str, prompts: int, k: int, max_tokens: int, cpu_kernels: str, top: int) -> dict:
     from pipeline_lib.generation import vllm_worker
 
-    vllm_worker._engine_env({"kv_cache_gib": 2})
+    vllm_worker._apply_engine_defaults({"kv_cache_gib": 2})
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile

@@ -23,7 +23,7 @@ from pipeline_lib.generation import cpu_kernels
 ENGINE_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
 
 
-def _engine_env(spec: dict) -> None:
+def _apply_engine_defaults(spec: dict) -> None:
     # CPU: vLLM's default KV-cache reservation fails on small machines; size it explicitly.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(spec.get("kv_cache_gib", 1))))))
     # The engine runs in this (already isolated) process: no second process layer, no spawn guard needed.
@@ -96,7 +96,7 @@ def run(spec: dict):
 
     import pandas as pd
 
-    _engine_env(spec)
+    _apply_engine_defaults(spec)
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -198,7 +198,8 @@ def serve(idle_s: float) -> int:
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
-    base = {k: os.environ.get(k) for k in ENGINE_ENV}  # what the parent set at the start
+    # what the parent set at the start: the fallback for a request that carries no settings of its own
+    base = {k: os.environ.get(k) for k in ENGINE_ENV}
     while True:
         ready, _, _ = select.select([sys.stdin], [], [], idle_s)
         line = sys.stdin.readline() if ready else ""

@@ -69,7 +69,7 @@ def _context() -> tuple:
     return sys.executable, os.getcwd(), tuple(sorted(env.items()))
 
 
-def _engine_env() -> dict[str, str | None]:
+def engine_settings_now() -> dict[str, str | None]:
     """The engine settings a fresh worker would inherit now (None: unset); the kept worker applies them per call."""
     env = child_env()
     return {k: env.get(k) for k in ENGINE_ENV}
@@ -95,7 +95,7 @@ class KeptWorker:
         """One call: send it, pass the worker's output to ``feed(bytes)`` until the job's end line, raise
         WorkerDied (with the worker ended) if it fails or the process goes away."""
         try:
-            request = {"spec": spec_path, "out": out_path, "env": _engine_env()}
+            request = {"spec": spec_path, "out": out_path, "env": engine_settings_now()}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError) as e:
