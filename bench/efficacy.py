@@ -124,31 +124,33 @@ def method_of(round_config: dict) -> str | None:
 
 
 def method_rows(results: Path, config_file: str = "configs/ifeval_campaign.yaml") -> list[dict]:
-    """One row per method over the runs of ``config_file`` as written (only seeds, the method's switches and the
-    registered model's name overridden): every seed's IFEval prompt-strict delta with its paired CI, and across seeds
-    the mean delta with a t-interval (n >= 2 seeds; the spread of seeds, which the per-run CIs do not include)."""
+    """One row per method and setting over the six-round runs of ``config_file``: every seed's IFEval prompt-strict
+    delta with its paired CI, and across seeds the mean delta with a t-interval (n >= 2 seeds; the spread of seeds,
+    which the per-run CIs do not include). A run that overrides a lever beyond the seeds, the method's switches and
+    the registered model's name (SPPO settled at ``train.learning_rate=5e-6 train.epochs=1``) is its own row, named
+    by those overrides: runs at different settings are never averaged together."""
     from scipy import stats
 
     from bench.methods import METHODS
 
-    allowed = {"rounds", "round.prompts.seed", "round.collect.seed", "round.train.seed", "round.run.registered_model"}
-    by: dict[str, list[dict]] = {}
+    ignored = {"rounds", "round.prompts.seed", "round.collect.seed", "round.train.seed", "round.run.registered_model"}
+    by: dict[tuple[str, str], list[dict]] = {}
     for f in sorted(results.glob("*.json")):
         r = json.loads(f.read_text())
-        keys = {o.split("=", 1)[0] for o in r.get("overrides", [])}
         name = method_of(r["config"]["round"])
         if r.get("status") != "ok" or not r.get("config_file", "").endswith(config_file) or name is None:
             continue
-        if r["config"]["rounds"] != 6 or not keys <= allowed | {f"round.{k}" for k in METHODS[name]}:
+        if r["config"]["rounds"] != 6:
             continue
-        by.setdefault(name, []).append(r)
+        switches = ignored | {f"round.{k}" for k in METHODS[name]}
+        extra = sorted(o.removeprefix("round.") for o in r.get("overrides", []) if o.split("=", 1)[0] not in switches)
+        by.setdefault((name, " ".join(extra)), []).append(r)
     rows = []
-    for name in METHODS:
-        runs = sorted(by.get(name, []), key=lambda r: r["config"]["round"]["train"]["seed"])
-        if not runs:
-            continue
+    order = list(METHODS)
+    for name, setting in sorted(by, key=lambda k: (order.index(k[0]), k[1])):
+        runs = sorted(by[(name, setting)], key=lambda r: r["config"]["round"]["train"]["seed"])
         d = [r["paired"]["ifeval.prompt_level_strict"]["delta"] for r in runs]
-        row = {"method": name, "seeds": len(runs),
+        row = {"method": f"{name} ({setting})" if setting else name, "seeds": len(runs),
                "per seed: IFEval prompt strict Δ (95% CI)": "; ".join(
                    f"seed {r['config']['round']['train']['seed']}: {_ci(r['paired']['ifeval.prompt_level_strict'])}"
                    for r in runs),

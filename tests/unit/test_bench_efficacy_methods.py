@@ -39,13 +39,18 @@ def test_method_rows_mean_and_t_interval_over_seeds(tmp_path):
         _record(tmp_path, f"wpo{s}", d, s, [x.format(s=s) for x in seeds] + ["round.train.weighting=wpo"],
                 _round(weighting="wpo", seed=s))
     _record(tmp_path, "dpo0", 0.05, 0, [], _round())
-    # not the recipe: another round count, another lever overridden, a failed run, another config file
-    _record(tmp_path, "dpo-3rounds", 0.02, 0, ["rounds=3"], _round(), rounds=3)
+    # another lever overridden: a row of its own, named by the override (here two seeds at that setting)
     _record(tmp_path, "dpo-lr", 0.01, 0, ["round.train.learning_rate=1e-5"], _round())
+    _record(tmp_path, "dpo-lr1", 0.03, 1, ["round.train.seed=1", "round.train.learning_rate=1e-5"], _round(seed=1))
+    # not counted: another round count, a failed run, another config file
+    _record(tmp_path, "dpo-3rounds", 0.02, 0, ["rounds=3"], _round(), rounds=3)
     _record(tmp_path, "dpo-failed", 0.0, 0, [], _round(), status="failed")
     _record(tmp_path, "other", 0.0, 0, [], _round(), config_file="configs/default.yaml")
-    rows = {r["method"]: r for r in method_rows(tmp_path)}
-    assert set(rows) == {"dpo", "wpo"}
+    listed = method_rows(tmp_path)
+    rows = {r["method"]: r for r in listed}
+    assert [r["method"] for r in listed] == ["dpo", "dpo (train.learning_rate=1e-5)", "wpo"]  # METHODS' order
+    assert rows["dpo (train.learning_rate=1e-5)"]["runs"] == "dpo-lr, dpo-lr1"
+    assert rows["dpo (train.learning_rate=1e-5)"]["mean Δ"] == "+0.020"
     assert rows["dpo"]["seeds"] == 1 and "95% t-interval over seeds" not in rows["dpo"]
     w = rows["wpo"]
     assert w["seeds"] == 3 and w["mean Δ"] == "+0.070"
