@@ -113,6 +113,22 @@ def rooflines(n_params: int, batch: int, peak_tflops: float, gbps: float, bytes_
             "compute_roofline_tok_s": compute, "memory_roofline_tok_s": memory, "roofline_tok_s": min(compute, memory)}
 
 
+def bench_prompt_ids(model: str, n: int):
+    """The resolved model and the token ids of the generation benches' prompts: the builtin generator's first n training
+    prompts (seed 0) under the model's chat template, so every generation bench measures the same inputs."""
+    from transformers import AutoTokenizer
+
+    from pipeline_lib.generation.sampling import render_chat
+    from pipeline_lib.models import resolve
+    from pipeline_lib.prompts.builtin import generate_prompts
+
+    m = resolve(model)
+    tok = AutoTokenizer.from_pretrained(m.path)
+    prompts = generate_prompts(n, 0, "train")["prompt"].tolist()
+    _, ids = render_chat(tok, [[{"role": "user", "content": p}] for p in prompts])
+    return m, ids
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
@@ -125,16 +141,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate side")
     a = ap.parse_args(argv)
     variants = [(v.split("=", 1)[0], json.loads(v.split("=", 1)[1])) for v in a.variant]
-    from transformers import AutoTokenizer
-
-    from pipeline_lib.generation.sampling import render_chat
-    from pipeline_lib.models import resolve
-    from pipeline_lib.prompts.builtin import generate_prompts
-
-    m = resolve(a.model)
-    tok = AutoTokenizer.from_pretrained(m.path)
-    prompts = generate_prompts(a.prompts, 0, "train")["prompt"].tolist()
-    _, ids = render_chat(tok, [[{"role": "user", "content": p}] for p in prompts])
+    m, ids = bench_prompt_ids(a.model, a.prompts)
     rows = [vllm_collect(m.path, ids, a.k, a.max_tokens)]
     rows += [vllm_collect(m.path, ids, a.k, a.max_tokens, name, args) for name, args in variants]
     if not a.no_hf:

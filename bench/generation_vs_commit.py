@@ -60,21 +60,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variant", action="append", default=[], help="NAME=JSON engine arguments for this tree's side")
     a = ap.parse_args(argv)
-    from transformers import AutoTokenizer
-
-    from bench.generation import matmul_params
-    from pipeline_lib.generation.sampling import render_chat
-    from pipeline_lib.models import resolve
-    from pipeline_lib.prompts.builtin import generate_prompts
+    from bench.generation import bench_prompt_ids, matmul_params
 
     variants = dict(v.split("=", 1) for v in a.variant)
-    m = resolve(a.model)
-    tok = AutoTokenizer.from_pretrained(m.path)
-    prompts = generate_prompts(a.prompts, 0, "train")["prompt"].tolist()
-    _, ids = render_chat(tok, [[{"role": "user", "content": p}] for p in prompts])
+    m, ids = bench_prompt_ids(a.model, a.prompts)
     head = subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], text=True).strip()
     common = {"model": a.model, "k": a.k, "max_tokens": a.max_tokens, "engine_args": None}
-    sides = [(f"{a.commit} (eager default)", None, {}), (f"{head} (this tree, default)", ROOT, {})]
+    sides = [(f"{a.commit} (its default)", None, {}), (f"{head} (this tree, default)", ROOT, {})]
     sides += [(f"{head} {name}", ROOT, json.loads(spec)) for name, spec in variants.items()]
     peaks, rows = [matmul_peak_tflops()], []
     with tempfile.TemporaryDirectory() as tmp:

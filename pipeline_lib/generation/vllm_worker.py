@@ -30,6 +30,9 @@ def _apply_engine_defaults(spec: dict) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _follow_log_level() -> None:
     # vLLM sets its loggers' level once, at import: a served process (one import, many jobs) follows each job's
     # VLLM_LOGGING_LEVEL here, so a job logs what it would in a process of its own
     import logging
@@ -97,6 +100,7 @@ def run(spec: dict):
     import pandas as pd
 
     _apply_engine_defaults(spec)
+    _follow_log_level()
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
