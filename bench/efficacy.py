@@ -52,7 +52,8 @@ def run(config: str, label: str, overrides: list[str], results: Path) -> dict:
         record.update(status="ok", rounds_wall_s=final["rounds_wall_s"], before=final["before"],
                       after=final["after"], paired=final["paired"], mlflow_run_id=final["mlflow_run_id"],
                       rounds=[{"pairs": s["pairs"], "stage_s": s.get("stage_s"), "wall_s": s["wall_s"],
-                               "checkpoint": s["artifacts"]["checkpoint"]} for s in result["rounds"]])
+                               "checkpoint": s["artifacts"]["checkpoint"], "cached": cached_in(s)}
+                              for s in result["rounds"]])
         # the final model's answers prompt by prompt, so later runs can be compared with this one head to head
         # (--versus) from the result files alone, after the work dir is gone; a miss here does not fail the run
         try:
@@ -69,6 +70,31 @@ def run(config: str, label: str, overrides: list[str], results: Path) -> dict:
     tmp.write_text(json.dumps(record, indent=2, default=str))
     tmp.replace(path)
     return record
+
+
+def cached_in(round_summary: dict) -> list[str]:
+    """The stages of a round that were cache hits (content-addressed results of an earlier run in the same work dir,
+    e.g. round 1's collect when another method already sampled the same starting model with the same seed): their
+    time is not in the round's wall time, so a run's "rounds min" is only comparable with a fresh run's when the
+    table says what it skipped."""
+    return [st["stage"] for st in round_summary.get("cost", {}).get("stages", []) if st.get("cached")]
+
+
+# Stages that are cheap and deterministic (the prompt sets): a hit on them changes no wall time worth counting.
+_CHEAP = ("prompts-",)
+
+
+def cache_hits(record: dict) -> str:
+    """The heavy stages a run's rounds took from the cache, counted over the rounds ("collect 1, annotate 1"); "none"
+    when every heavy stage ran; "not recorded" for result files written before the rounds carried the list."""
+    if any("cached" not in r for r in record.get("rounds", [])) or not record.get("rounds"):
+        return "not recorded"
+    counts: dict[str, int] = {}
+    for r in record["rounds"]:
+        for stage in r["cached"]:
+            if not stage.startswith(_CHEAP):
+                counts[stage] = counts.get(stage, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
 
 
 def _ci(p: dict | None) -> str:
@@ -98,13 +124,14 @@ def table(results: Path) -> str:
                 "truncated": f"{r['before']['ifeval.truncated_share']:.2f} -> {r['after']['ifeval.truncated_share']:.2f}",
                 "pairs": "/".join(str(x["pairs"]["n_pairs"]) for x in r["rounds"]),
                 "rounds min": f"{r['rounds_wall_s'] / 60:.1f}",
+                "cache hits in the rounds": cache_hits(r),
                 "load": f"{r['load_avg_start']:.1f}"})
         else:
             row["Δ (95% CI)"] = r["error"][:80]
         rows.append(row)
     cols = ["label", "status", "rounds", "prompts/round", "K", "max_tokens", "lr", "epochs", "beta", "loss",
             "overrides", "IFEval prompt strict", "Δ (95% CI)", "McNemar p", "held-out strict Δ (95% CI)", "truncated",
-            "pairs", "rounds min", "load"]
+            "pairs", "rounds min", "cache hits in the rounds", "load"]
     return md_table(rows, cols)
 
 

@@ -113,6 +113,10 @@ def test_dry_run_predicts_the_cache(runs):
     summary = json.loads(again.stdout)
     assert all(r["cached"] for r in summary["cost"]["stages"]) and len(summary["cost"]["stages"]) == 8
     assert set(_stage_lines(again.stderr).values()) == {"cached"}
+    # bench.efficacy's record of what a round skipped reads the same summary: every stage the log calls cached
+    from bench.efficacy import cached_in
+
+    assert sorted(cached_in(summary)) == sorted(_stage_lines(again.stderr))
 
 
 def test_html_report_shows_the_same_cost(runs):

@@ -123,3 +123,20 @@ def test_versus_from_result_files_alone_matches_the_artifact_store(tmp_path):
     assert (from_files["prompt_level_strict"]["n_gained"], from_files["prompt_level_strict"]["n_lost"]) == (4, 1)
     with pytest.raises(FileNotFoundError, match="no per-prompt IFEval table"):
         versus(results, "a", "b", None)
+
+
+def test_cache_hits_name_what_the_rounds_skipped():
+    from bench.efficacy import cache_hits, cached_in
+
+    summary = {"cost": {"stages": [{"stage": "collect", "cached": True}, {"stage": "prompts-train", "cached": True},
+                                   {"stage": "train", "cached": False, "wall_s": 90.0}]}}
+    assert cached_in(summary) == ["collect", "prompts-train"]
+    assert cached_in({}) == []  # a round summary without a cost table: nothing known to be cached
+    rounds = [{"cached": ["prompts-heldout", "collect", "annotate"]}, {"cached": ["prompts-heldout", "collect"]},
+              {"cached": ["prompts-train"]}]
+    # the prompt sets are cheap and not counted; the heavy stages are counted over the rounds, in first-seen order
+    assert cache_hits({"rounds": rounds}) == "collect 2, annotate 1"
+    assert cache_hits({"rounds": [{"cached": ["prompts-heldout"]}]}) == "none"
+    # result files from before the list existed say so instead of pretending nothing was cached
+    assert cache_hits({"rounds": [{"pairs": {}}]}) == "not recorded"
+    assert cache_hits({"rounds": []}) == "not recorded"
