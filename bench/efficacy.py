@@ -150,6 +150,21 @@ def method_of(round_config: dict) -> str | None:
     return max(matches)[1] if matches else None
 
 
+def _share(r: dict) -> str:
+    """The share of the final model's IFEval answers cut at the token limit (the looping the recipe can grow)."""
+    v = r.get("after", {}).get("ifeval.truncated_share")
+    return "" if v is None else f"{v:.0%}"
+
+
+def _wall(r: dict) -> str:
+    """The rounds' wall time and the CPU it ran on: rounds take ~1.4x longer on one 2-core cloud CPU than another,
+    so a time without its machine cannot be compared."""
+    if r.get("rounds_wall_s") is None:
+        return ""
+    cpu = ((r.get("machine") or {}).get("cpu") or "").replace("(R)", "").replace(" Processor", "")
+    return f"{r['rounds_wall_s'] / 60:.1f}" + (f" ({cpu})" if cpu else "")
+
+
 def method_rows(results: Path, config_file: str = "configs/ifeval_campaign.yaml") -> list[dict]:
     """One row per method and setting over the six-round runs of ``config_file``: every seed's IFEval prompt-strict
     delta with its paired CI, and across seeds the mean delta with a t-interval (n >= 2 seeds; the spread of seeds,
@@ -182,6 +197,8 @@ def method_rows(results: Path, config_file: str = "configs/ifeval_campaign.yaml"
                    f"seed {r['config']['round']['train']['seed']}: {_ci(r['paired']['ifeval.prompt_level_strict'])}"
                    for r in runs),
                "held-out Δ per seed": "; ".join(f"{r['paired']['pass_rate_strict']['delta']:+.2f}" for r in runs),
+               "IFEval answers at the limit after, per seed": "; ".join(_share(r) for r in runs),
+               "rounds' wall min per seed (machine)": "; ".join(_wall(r) for r in runs),
                "mean Δ": f"{sum(d) / len(d):+.3f}",
                "runs": ", ".join(r["label"] for r in runs)}
         if len(d) >= 2:
@@ -246,7 +263,8 @@ def main(argv=None) -> None:
     if a.methods_table:
         print(md_table(method_rows(a.results), ["method", "seeds", "per seed: IFEval prompt strict Δ (95% CI)",
                                                 "mean Δ", "95% t-interval over seeds", "held-out Δ per seed",
-                                                "runs"]))
+                                                "IFEval answers at the limit after, per seed",
+                                                "rounds' wall min per seed (machine)", "runs"]))
         return
     if a.versus:
         out = versus(a.results, *a.versus, a.work_dir)

@@ -25,9 +25,10 @@ def test_method_of_picks_the_most_specific_match():
     assert method_of(_round(loss="ipo")) is None
 
 
-def _record(tmp_path, label, delta, seed, overrides, rnd, rounds=6, status="ok", config_file="configs/ifeval_campaign.yaml"):
+def _record(tmp_path, label, delta, seed, overrides, rnd, rounds=6, status="ok", config_file="configs/ifeval_campaign.yaml",
+            extra=None):
     r = {"label": label, "status": status, "config_file": config_file, "overrides": overrides,
-         "config": {"rounds": rounds, "round": rnd},
+         "config": {"rounds": rounds, "round": rnd}, **(extra or {}),
          "paired": {"ifeval.prompt_level_strict": {"delta": delta, "ci_low": delta - 0.03, "ci_high": delta + 0.03},
                     "pass_rate_strict": {"delta": 0.1}}}
     (tmp_path / f"{label}.json").write_text(json.dumps(r))
@@ -36,8 +37,11 @@ def _record(tmp_path, label, delta, seed, overrides, rnd, rounds=6, status="ok",
 def test_method_rows_mean_and_t_interval_over_seeds(tmp_path):
     seeds = [f"round.{k}.seed={{s}}" for k in ("prompts", "collect", "train")]
     for s, d in ((0, 0.06), (1, 0.07), (2, 0.08)):
+        # seed 1 ran on another CPU; seed 2's file predates the machine record
+        extra = {"after": {"ifeval.truncated_share": 0.5 + s / 10}, "rounds_wall_s": 3000 + 60 * s,
+                 **({} if s == 2 else {"machine": {"cpu": "AMD EPYC" if s == 0 else "Intel Xeon"}})}
         _record(tmp_path, f"wpo{s}", d, s, [x.format(s=s) for x in seeds] + ["round.train.weighting=wpo"],
-                _round(weighting="wpo", seed=s))
+                _round(weighting="wpo", seed=s), extra=extra)
     _record(tmp_path, "dpo0", 0.05, 0, [], _round())
     # another lever overridden: a row of its own, named by the override (here two seeds at that setting)
     _record(tmp_path, "dpo-lr", 0.01, 0, ["round.train.learning_rate=1e-5"], _round())
@@ -58,6 +62,11 @@ def test_method_rows_mean_and_t_interval_over_seeds(tmp_path):
     assert w["95% t-interval over seeds"] == "[+0.045, +0.095]"
     assert w["per seed: IFEval prompt strict Δ (95% CI)"].startswith("seed 0: +0.060 [+0.030, +0.090]")
     assert w["runs"] == "wpo0, wpo1, wpo2"
+    assert w["IFEval answers at the limit after, per seed"] == "50%; 60%; 70%"
+    assert w["rounds' wall min per seed (machine)"] == "50.0 (AMD EPYC); 51.0 (Intel Xeon); 52.0"
+    # files without those fields leave the cells empty rather than inventing a value
+    assert rows["dpo"]["IFEval answers at the limit after, per seed"] == ""
+    assert rows["dpo"]["rounds' wall min per seed (machine)"] == ""
 
 
 @pytest.mark.parametrize("argv", [["--method", "nope", "--config", "c.yaml", "--label", "x"]])
