@@ -1,0 +1,24 @@
+"""bench.sampler's two draws sample from softmax(logits): their token frequencies over many rows of one logits row
+match the softmax within sampling error (4 standard errors per token)."""
+
+import torch
+
+from bench.sampler import draws
+
+
+def test_both_draws_sample_the_softmax():
+    rows, vocab = 40000, 6
+    fns = draws(rows, vocab)
+    # draws() builds its own logits from a fixed seed; rebuild them to know the target distribution
+    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    torch.manual_seed(1)
+    for name in ("gumbel_fused (vLLM CPU)", "inverse_cdf"):
+        ids = fns[name]()
+        assert ids.shape == (rows,) and int(ids.min()) >= 0 and int(ids.max()) < vocab
+        # each row has its own logits: the expected count of token j is the sum of its probabilities over the rows
+        p = logits.float().softmax(-1)
+        expected = p.sum(0)
+        sd = (p * (1 - p)).sum(0).sqrt()
+        counts = torch.bincount(ids, minlength=vocab).float()
+        assert ((counts - expected).abs() <= 4 * sd + 1).all(), (name, counts.tolist(), expected.tolist())
+    assert fns["log_softmax (logprobs=0)"]().exp().sum(-1).sub(1).abs().max() < 1e-4
