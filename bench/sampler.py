@@ -25,12 +25,19 @@ def _median_ms(fn, repeats: int) -> float:
     return sorted(ts)[len(ts) // 2] * 1e3
 
 
-def draws(rows: int, vocab: int):
+def random_logits(rows: int, vocab: int):
+    """A fixed bf16 logits matrix (seed 0), spread like a model's (standard deviation 3)."""
+    import torch
+
+    return (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+
+
+def draws(logits):
     """The contenders on one bf16 logits matrix, each taking it as vLLM does (to float32 first)."""
     import torch
     import vllm._custom_ops  # noqa: F401  registers torch.ops._C, vLLM's CPU kernels
 
-    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    rows, vocab = logits.shape
 
     def gumbel_fused():
         seeds = torch.randint(0, 2**31, (rows,), dtype=torch.long)
@@ -61,7 +68,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(a.threads)
     rows = [{"draw": name, "median ms": round(_median_ms(fn, a.repeats), 2)}
-            for name, fn in draws(a.rows, a.vocab).items()]
+            for name, fn in draws(random_logits(a.rows, a.vocab)).items()]
     print(md_table(rows, ["draw", "median ms"]))
     path = save("sampler" + (f"_{a.tag}" if a.tag else ""),
                 {"machine": machine(), "rows": a.rows, "vocab": a.vocab, "threads": a.threads, "results": rows})

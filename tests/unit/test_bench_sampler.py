@@ -1,16 +1,15 @@
-"""bench.sampler's two draws sample from softmax(logits): their token frequencies over many rows of one logits row
-match the softmax within sampling error (4 standard errors per token)."""
+"""bench.sampler's two draws sample from softmax(logits): over many rows, each with its own logits, every token's count
+matches the sum of its probabilities within sampling error (4 standard errors per token)."""
 
 import torch
 
-from bench.sampler import draws
+from bench.sampler import draws, random_logits
 
 
 def test_both_draws_sample_the_softmax():
     rows, vocab = 40000, 6
-    fns = draws(rows, vocab)
-    # draws() builds its own logits from a fixed seed; rebuild them to know the target distribution
-    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    logits = random_logits(rows, vocab)
+    fns = draws(logits)
     torch.manual_seed(1)
     for name in ("gumbel_fused (vLLM CPU)", "inverse_cdf"):
         ids = fns[name]()
