@@ -5,6 +5,7 @@
         round.prompts.seed=1 round.collect.seed=1 round.train.seed=1      # one method of bench.methods.METHODS
     python -m bench.efficacy --table          # the sweep table from every result file
     python -m bench.efficacy --methods-table  # the recipe's runs by method: each seed, and the mean over seeds
+    python -m bench.efficacy --methods-table --compact   # the same in the README's form, one column per seed
     python -m bench.efficacy --versus s5-six-rounds-seed1 m-wpo-seed1 --work-dir runs/ifeval-campaign
                                               # two runs' final models head to head on IFEval, paired
 
@@ -156,12 +157,14 @@ def _share(r: dict) -> str:
     return "" if v is None else f"{v:.0%}"
 
 
-def _wall(r: dict) -> str:
+def _wall(r: dict, short: bool = False) -> str:
     """The rounds' wall time and the CPU it ran on: rounds take ~1.4x longer on one 2-core cloud CPU than another,
-    so a time without its machine cannot be compared."""
+    so a time without its machine cannot be compared. ``short`` keeps the CPU's last word (Xeon, EPYC)."""
     if r.get("rounds_wall_s") is None:
         return ""
     cpu = ((r.get("machine") or {}).get("cpu") or "").replace("(R)", "").replace(" Processor", "")
+    if short and cpu:
+        cpu = cpu.split()[-1]
     return f"{r['rounds_wall_s'] / 60:.1f}" + (f" ({cpu})" if cpu else "")
 
 
@@ -200,12 +203,36 @@ def method_rows(results: Path, config_file: str = "configs/ifeval_campaign.yaml"
                "IFEval answers at the limit after, per seed": "; ".join(_share(r) for r in runs),
                "rounds' wall min per seed (machine)": "; ".join(_wall(r) for r in runs),
                "mean Δ": f"{sum(d) / len(d):+.3f}",
-               "runs": ", ".join(r["label"] for r in runs)}
+               "runs": ", ".join(r["label"] for r in runs),
+               # the same cells keyed by seed, for the compact (README) form
+               "by_seed": {r["config"]["round"]["train"]["seed"]: {
+                   "delta": _ci(r["paired"]["ifeval.prompt_level_strict"]),
+                   "held_out": f"{r['paired']['pass_rate_strict']['delta']:+.2f}", "limit": _share(r),
+                   "wall": _wall(r, short=True)} for r in runs}}
         if len(d) >= 2:
             lo, hi = stats.t.interval(0.95, len(d) - 1, loc=sum(d) / len(d), scale=stats.sem(d))
             row["95% t-interval over seeds"] = f"[{lo:+.3f}, {hi:+.3f}]"
         rows.append(row)
     return rows
+
+
+def compact_methods_table(rows: list[dict]) -> str:
+    """The per-method table in the README's form: one column per seed (the paired IFEval delta with its CI), the mean
+    with its t-interval in one cell, and the per-seed held-out delta, share at the token limit and rounds' wall time
+    each in one cell, in seed order. A seed a method has no run for says "not run"."""
+    seeds = sorted({s for r in rows for s in r["by_seed"]})
+    out = []
+    for r in rows:
+        by = r["by_seed"]
+        row = {"method": r["method"], **{f"seed {s}": by[s]["delta"] if s in by else "not run" for s in seeds},
+               "mean, 95% t-interval over seeds": r["mean Δ"] + (f" {r['95% t-interval over seeds']}"
+                                                                if "95% t-interval over seeds" in r else "")}
+        for key, col in (("held_out", "held-out Δ per seed"), ("limit", "at the limit after"),
+                         ("wall", "rounds' wall (min)")):
+            row[col] = ", ".join(by[s][key] for s in sorted(by))
+        out.append(row)
+    return md_table(out, ["method", *(f"seed {s}" for s in seeds), "mean, 95% t-interval over seeds",
+                          "held-out Δ per seed", "at the limit after", "rounds' wall (min)"])
 
 
 def compact_ifeval(scored) -> dict[str, list]:
@@ -251,6 +278,8 @@ def main(argv=None) -> None:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the table of every result in --results")
     ap.add_argument("--methods-table", action="store_true", help="print the recipe's runs grouped by method")
+    ap.add_argument("--compact", action="store_true", help="with --methods-table: the README's form, one column per "
+                    "seed (the labels of the runs are left out)")
     ap.add_argument("--method", help="a bench.methods.METHODS entry: its switches as round.* overrides")
     ap.add_argument("--versus", nargs=2, metavar=("LABEL_A", "LABEL_B"), help="B's final model minus A's, on IFEval")
     ap.add_argument("--work-dir", type=Path, default=Path("runs/ifeval-campaign"), help="with --versus, for result "
@@ -259,6 +288,11 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.table:
         print(table(a.results))
+        return
+    if a.compact and not a.methods_table:
+        ap.error("--compact is a form of --methods-table: pass both")
+    if a.methods_table and a.compact:
+        print(compact_methods_table(method_rows(a.results)))
         return
     if a.methods_table:
         print(md_table(method_rows(a.results), ["method", "seeds", "per seed: IFEval prompt strict Δ (95% CI)",

@@ -69,13 +69,34 @@ def test_method_rows_mean_and_t_interval_over_seeds(tmp_path):
     assert rows["dpo"]["rounds' wall min per seed (machine)"] == ""
 
 
-@pytest.mark.parametrize("argv", [["--method", "nope", "--config", "c.yaml", "--label", "x"]])
-def test_unknown_method_is_refused(argv, capsys):
+def test_compact_methods_table_has_a_column_per_seed(tmp_path):
+    """The README's form: seeds as columns (a seed without a run says so), mean and t-interval in one cell, the
+    per-seed cells in seed order whatever order the files come in, the CPU by its last word."""
+    from bench.efficacy import compact_methods_table
+
+    for s, d in ((2, 0.08), (0, 0.06), (1, 0.07)):
+        _record(tmp_path, f"wpo{s}", d, s, [f"round.train.seed={s}", "round.train.weighting=wpo"],
+                _round(weighting="wpo", seed=s),
+                extra={"after": {"ifeval.truncated_share": 0.5 + s / 10}, "rounds_wall_s": 3000 + 60 * s,
+                       "machine": {"cpu": "Intel(R) Xeon(R) Processor" if s == 1 else "AMD EPYC"}})
+    _record(tmp_path, "dpo1", 0.05, 1, ["round.train.seed=1"], _round(seed=1))
+    lines = compact_methods_table(method_rows(tmp_path)).splitlines()
+    assert lines[0] == ("| method | seed 0 | seed 1 | seed 2 | mean, 95% t-interval over seeds | held-out Δ per seed "
+                        "| at the limit after | rounds' wall (min) |")
+    assert lines[2] == "| dpo | not run | +0.050 [+0.020, +0.080] | not run | +0.050 | +0.10 |  |  |"
+    assert lines[3] == ("| wpo | +0.060 [+0.030, +0.090] | +0.070 [+0.040, +0.100] | +0.080 [+0.050, +0.110] "
+                        "| +0.070 [+0.045, +0.095] | +0.10, +0.10, +0.10 | 50%, 60%, 70% "
+                        "| 50.0 (EPYC), 51.0 (Xeon), 52.0 (EPYC) |")
+
+
+@pytest.mark.parametrize("argv, says", [(["--method", "nope", "--config", "c.yaml", "--label", "x"], "--method nope"),
+                                        (["--compact"], "--compact is a form of --methods-table")])
+def test_bad_arguments_are_refused(argv, says, capsys):
     from bench.efficacy import main
 
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code == 2 and "--method nope" in capsys.readouterr().err
+    assert e.value.code == 2 and says in capsys.readouterr().err
 
 
 def _ifeval_artifact(work_dir, name, sha, strict_all):
