@@ -195,20 +195,20 @@ def method_rows(results: Path, config_file: str = "configs/ifeval_campaign.yaml"
     for name, setting in sorted(by, key=lambda k: (order.index(k[0]), k[1])):
         runs = sorted(by[(name, setting)], key=lambda r: r["config"]["round"]["train"]["seed"])
         d = [r["paired"]["ifeval.prompt_level_strict"]["delta"] for r in runs]
+        # each seed's cells, once: the long form joins them per column, the compact (README) form puts seeds in columns
+        by_seed = {r["config"]["round"]["train"]["seed"]: {
+            "delta": _ci(r["paired"]["ifeval.prompt_level_strict"]),
+            "held_out": f"{r['paired']['pass_rate_strict']['delta']:+.2f}", "limit": _share(r), "wall": _wall(r),
+            "wall_short": _wall(r, short=True)} for r in runs}
         row = {"method": f"{name} ({setting})" if setting else name, "seeds": len(runs),
-               "per seed: IFEval prompt strict Δ (95% CI)": "; ".join(
-                   f"seed {r['config']['round']['train']['seed']}: {_ci(r['paired']['ifeval.prompt_level_strict'])}"
-                   for r in runs),
-               "held-out Δ per seed": "; ".join(f"{r['paired']['pass_rate_strict']['delta']:+.2f}" for r in runs),
-               "IFEval answers at the limit after, per seed": "; ".join(_share(r) for r in runs),
-               "rounds' wall min per seed (machine)": "; ".join(_wall(r) for r in runs),
+               "per seed: IFEval prompt strict Δ (95% CI)": "; ".join(f"seed {s}: {c['delta']}"
+                                                                       for s, c in by_seed.items()),
+               **{col: "; ".join(c[key] for c in by_seed.values()) for key, col in (
+                   ("held_out", "held-out Δ per seed"), ("limit", "IFEval answers at the limit after, per seed"),
+                   ("wall", "rounds' wall min per seed (machine)"))},
                "mean Δ": f"{sum(d) / len(d):+.3f}",
                "runs": ", ".join(r["label"] for r in runs),
-               # the same cells keyed by seed, for the compact (README) form
-               "by_seed": {r["config"]["round"]["train"]["seed"]: {
-                   "delta": _ci(r["paired"]["ifeval.prompt_level_strict"]),
-                   "held_out": f"{r['paired']['pass_rate_strict']['delta']:+.2f}", "limit": _share(r),
-                   "wall": _wall(r, short=True)} for r in runs}}
+               "by_seed": by_seed}
         if len(d) >= 2:
             lo, hi = stats.t.interval(0.95, len(d) - 1, loc=sum(d) / len(d), scale=stats.sem(d))
             row["95% t-interval over seeds"] = f"[{lo:+.3f}, {hi:+.3f}]"
@@ -228,7 +228,7 @@ def compact_methods_table(rows: list[dict]) -> str:
                "mean, 95% t-interval over seeds": r["mean Δ"] + (f" {r['95% t-interval over seeds']}"
                                                                 if "95% t-interval over seeds" in r else "")}
         for key, col in (("held_out", "held-out Δ per seed"), ("limit", "at the limit after"),
-                         ("wall", "rounds' wall (min)")):
+                         ("wall_short", "rounds' wall (min)")):
             row[col] = ", ".join(by[s][key] for s in sorted(by))
         out.append(row)
     return md_table(out, ["method", *(f"seed {s}" for s in seeds), "mean, 95% t-interval over seeds",
@@ -286,11 +286,11 @@ def main(argv=None) -> None:
                     "files without a per-prompt table: the campaigns' work dir (their artifact store)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
+    if a.compact and not a.methods_table:
+        ap.error("--compact is a form of --methods-table: pass both")
     if a.table:
         print(table(a.results))
         return
-    if a.compact and not a.methods_table:
-        ap.error("--compact is a form of --methods-table: pass both")
     if a.methods_table and a.compact:
         print(compact_methods_table(method_rows(a.results)))
         return
