@@ -12,7 +12,9 @@ KV-cache reads are left out, so it is an upper bound). The fraction reported is 
 
 ``--variant NAME=JSON`` runs the vLLM side again with those engine arguments (e.g. ``compiled={"enforce_eager":
 false}``) or the worker's own settings (``{"cpu_kernels": "native"}``, ``{"compile": "on"}``), each in its own engine
-process, so settings are compared in one run.
+process, so settings are compared in one run. ``--warmup`` (default 1) untimed vLLM runs go first: the first vLLM
+process of a run generated 10-20% slower than the ones after it (2026-12-06, 2 cores of an AMD EPYC; not explained),
+which counted against whichever side ran first.
 Run: python -m bench.generation [--model REF] [--prompts N] [--k K] [--max-tokens T] [--variant NAME=JSON ...]
 """
 
@@ -60,7 +62,7 @@ def hf_generate(model_path: str, prompt_ids: list[list[int]], k: int, max_tokens
             "tokens_per_s": n_tokens / gen_s}
 
 
-SPEC_KEYS = ("compile", "cpu_kernels")
+SPEC_KEYS = ("compile", "cpu_kernels", "kv_block_size")
 
 
 def vllm_collect(model_path: str, prompt_ids: list[list[int]], k: int, max_tokens: int, name: str = "",
@@ -78,7 +80,8 @@ def vllm_collect(model_path: str, prompt_ids: list[list[int]], k: int, max_token
     label = "alignflow collect (vLLM)" + (f" [{name}: {json.dumps(engine_args)}]" if name else "")
     return {"backend": label, "load_s": stats["load_s"], "generate_s": stats["generate_s"],
             "generated_tokens": stats["generated_tokens"], "tokens_per_s": stats["generated_tokens"] /
-            stats["generate_s"], "wall_s_incl_start": total}
+            stats["generate_s"], "wall_s_incl_start": total,
+            **{key: stats.get(key) for key in ("kv_block_size", "prompt_tokens", "cached_prompt_tokens")}}
 
 
 def matmul_params(model_path: str) -> int:
@@ -139,9 +142,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--hf-dtype", default="bfloat16")
     ap.add_argument("--variant", action="append", default=[], help="NAME=JSON vLLM engine arguments, repeatable")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate side")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed vLLM runs before the timed sides")
     a = ap.parse_args(argv)
     variants = [(v.split("=", 1)[0], json.loads(v.split("=", 1)[1])) for v in a.variant]
     m, ids = bench_prompt_ids(a.model, a.prompts)
+    for i in range(a.warmup):
+        print(f"warm-up #{i} (not counted): {vllm_collect(m.path, ids, a.k, a.max_tokens)['tokens_per_s']:.1f} "
+              f"tokens/s", flush=True)
     rows = [vllm_collect(m.path, ids, a.k, a.max_tokens)]
     rows += [vllm_collect(m.path, ids, a.k, a.max_tokens, name, args) for name, args in variants]
     if not a.no_hf:

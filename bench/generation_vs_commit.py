@@ -4,7 +4,9 @@ Why: a tokens/s figure from another day is not a baseline. Machines here differ 
 2026-11-23 figure of 264 tokens/s and a 2026-12-05 run of the same code on the same kind of machine, 372-423), so
 "2x the old figure" can only be judged against the old code measured beside the new. This checks out ``--commit``
 into a temporary git worktree and runs its ``bench.generation.vllm_collect`` and this tree's, interleaved
-(old, new, variants; ``--repeats`` times), each in its own process, on the same prompt token ids (this tree's
+(``--repeats`` rounds, each side once a round, the order rotated by one each round so that no side always runs
+first: the first vLLM process of a run was 10-20% slower than the ones after it, 2026-12-06, after ``--warmup``
+discarded runs of this tree's default side), each in its own process, on the same prompt token ids (this tree's
 builtin generator, seed 0), with the same sampling (K samples at T = 1, top-p 1, engine seed 0). Both trees use this
 interpreter's packages. Reported: generated tokens/s per side and repeat, the mean, the ratio to the old commit's
 mean, and each mean as a fraction of the compute roofline (2 N FLOPs a token over the bf16 matmul peak, measured at
@@ -50,6 +52,12 @@ def run_side(tree: Path, ids_file: Path, args: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def rotated(sides: list, rep: int) -> list:
+    """The order of round ``rep``: the sides shifted left by ``rep`` places (round 0 keeps the given order)."""
+    k = rep % len(sides)
+    return sides[k:] + sides[:k]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--commit", required=True, help="the older commit to measure beside this tree")
@@ -58,6 +66,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of this tree's default side first")
     ap.add_argument("--variant", action="append", default=[], help="NAME=JSON engine arguments for this tree's side")
     a = ap.parse_args(argv)
     from bench.generation import bench_prompt_ids, matmul_params
@@ -76,8 +85,11 @@ def main(argv=None) -> dict:
         try:
             ids_file = Path(tmp) / "ids.json"
             ids_file.write_text(json.dumps(ids))
+            for i in range(a.warmup):
+                r = run_side(ROOT, ids_file, {**common, "name": "warm-up"})
+                print(f"warm-up #{i} (not counted): {r['tokens_per_s']:.1f} tokens/s", flush=True)
             for rep in range(a.repeats):
-                for label, tree, engine_args in sides:
+                for label, tree, engine_args in rotated(sides, rep):
                     r = run_side(tree or old, ids_file, {**common, "name": label, "engine_args": engine_args})
                     rows.append({"side": label, "repeat": rep, "started": time.strftime("%H:%M:%S"), **r})
                     print(f"{label} #{rep}: {r['tokens_per_s']:.1f} tokens/s", flush=True)

@@ -10,8 +10,9 @@ import sys
 
 DEFAULT = ["generation", "training", "round"]
 # what `make bench` passes: the generation table with the engine's settings side by side (as shipped: eager with the
-# C++ RMSNorm kernels; eager with vLLM's native norm; compiled)
-ARGS = {"generation": ["--variant", 'native-norm={"cpu_kernels": "native"}', "--variant", 'compiled={"compile": "on"}']}
+# C++ RMSNorm kernels and KV blocks of 32; eager with vLLM's native norm; vLLM's CPU block of 128; compiled)
+ARGS = {"generation": ["--variant", 'native-norm={"cpu_kernels": "native"}', "--variant",
+                       'block-128={"kv_block_size": 128}', "--variant", 'compiled={"compile": "on"}']}
 
 
 def main(argv: list[str] | None = None) -> None:

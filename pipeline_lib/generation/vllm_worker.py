@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from pipeline_lib.generation import cpu_kernels
+from pipeline_lib.generation import cpu_kernels, kv_blocks
 
 
 ENGINE_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
@@ -111,9 +111,11 @@ def run(spec: dict):
         "cast_loader", True) else "auto"
 
     t0, calls_before = time.perf_counter(), cpu_kernels.calls  # a served process runs many jobs: count this one's
-    eager = enforce_eager(spec.get("compile", "auto"), torch.cuda.is_available())
-    engine_args = {"enforce_eager": eager,
-                   **cpu_kernels.engine_args(spec.get("cpu_kernels", "auto"), torch.cuda.is_available(), eager),
+    on_gpu = torch.cuda.is_available()
+    eager = enforce_eager(spec.get("compile", "auto"), on_gpu)
+    engine_args = {"enforce_eager": eager, "disable_log_stats": False,  # counters for prompt_cache_stats
+                   **cpu_kernels.engine_args(spec.get("cpu_kernels", "auto"), on_gpu, eager),
+                   **kv_blocks.engine_args(spec.get("kv_block_size"), on_gpu),
                    **spec.get("engine_args", {})}
     llm = LLM(
         model=spec["model"],
@@ -151,12 +153,25 @@ def run(spec: dict):
                 "behavior_logp_seq": float(sum(lps)),
                 "finish_reason": c.finish_reason or "",
             })
+    cache = llm.llm_engine.vllm_config.cache_config  # what the engine runs with, read back (vLLM may override)
     stats = {"load_s": t_load, "generate_s": t_gen, "generated_tokens": int(sum(r["n_tokens"] for r in rows)),
+             "kv_block_size": cache.block_size, "prefix_caching": bool(cache.enable_prefix_caching),
+             **prompt_cache_stats(llm),
              "compiled": not engine_args["enforce_eager"], "cpu_c_kernels": cpu_kernels.active(),
              "cpu_c_kernel_calls": cpu_kernels.calls - calls_before,
              "engine_env": {k: os.environ.get(k) for k in ENGINE_ENV},
              "vllm_log_level": logging.getLevelName(logging.getLogger("vllm").getEffectiveLevel())}
     return pd.DataFrame(rows), stats
+
+
+def prompt_cache_stats(llm) -> dict:
+    """Prompt tokens the engine was asked to pre-fill (each of the n samples of a prompt counts its prompt) and how
+    many of them it read from its prefix cache instead of computing (kv_blocks.py), from vLLM's own counters."""
+    names = {"vllm:prompt_tokens": "prompt_tokens", "vllm:prompt_tokens_cached": "cached_prompt_tokens"}
+    if not getattr(llm.llm_engine, "log_stats", False):  # turned off by a caller's engine_args: nothing counted
+        return dict.fromkeys(names.values())
+    got = {names[m.name]: int(m.value) for m in llm.get_metrics() if m.name in names}
+    return {k: got.get(k) for k in names.values()}
 
 
 def _progress_bar():

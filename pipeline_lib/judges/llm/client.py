@@ -241,9 +241,14 @@ class VllmChatClient(ChatClient):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # CPU: the default reservation fails on small hosts
             # keep the engine core in this process: a spawned one needs an importable __main__ guard in the caller
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            import torch
             from vllm import LLM
 
-            kwargs = {"enforce_eager": True, **self.options.engine_kwargs}
+            from pipeline_lib.generation import kv_blocks
+
+            # judge prompts share their long instructions: CPU blocks of 32 let the prefix cache share them
+            kwargs = {"enforce_eager": True, **kv_blocks.engine_args(None, torch.cuda.is_available()),
+                      **self.options.engine_kwargs}
             self._llm = LLM(model=models.resolve(self.options.model).path, seed=self.options.seed, **kwargs)
         return self._llm
 
