@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from pipeline_lib.generation import cpu_kernels, kv_blocks
+from pipeline_lib.generation import compile_cache, cpu_kernels, kv_blocks
 
 
 ENGINE_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
@@ -110,13 +110,16 @@ def run(spec: dict):
     load_format = register_cast_loader() if spec.get("tensor_parallel_size", 1) == 1 and spec.get(
         "cast_loader", True) else "auto"
 
-    t0, calls_before = time.perf_counter(), cpu_kernels.calls  # a served process runs many jobs: count this one's
     on_gpu = torch.cuda.is_available()
     eager = enforce_eager(spec.get("compile", "auto"), on_gpu)
+    t0, calls_before = time.perf_counter(), cpu_kernels.calls  # a served process runs many jobs: count this one's
+    loads_before = compile_cache.loads()
     engine_args = {"enforce_eager": eager, "disable_log_stats": False,  # counters for prompt_cache_stats
                    **cpu_kernels.engine_args(spec.get("cpu_kernels", "auto"), on_gpu, eager),
                    **kv_blocks.engine_args(spec.get("kv_block_size"), on_gpu),
                    **spec.get("engine_args", {})}
+    if not engine_args["enforce_eager"]:
+        compile_cache.install()  # a compiled model loads from vLLM's cache instead of compiling again
     llm = LLM(
         model=spec["model"],
         seed=spec["seed"],  # per-request seeds crash the CPU sampler ("CPU Generator does not use offset")
@@ -158,6 +161,7 @@ def run(spec: dict):
              "kv_block_size": cache.block_size, "prefix_caching": bool(cache.enable_prefix_caching),
              **prompt_cache_stats(llm),
              "compiled": not engine_args["enforce_eager"], "cpu_c_kernels": cpu_kernels.active(),
+             "compiled_from_cache": compile_cache.loads() > loads_before,
              "cpu_c_kernel_calls": cpu_kernels.calls - calls_before,
              "engine_env": {k: os.environ.get(k) for k in ENGINE_ENV},
              "vllm_log_level": logging.getLevelName(logging.getLogger("vllm").getEffectiveLevel())}
