@@ -49,7 +49,9 @@ CAST_LOADER = "alignflow_cast"
 # Measured on the 2-core Intel machine: bench.generation (32 prompts x 4 samples, <= 128 tokens, 2026-12-04) 1.44x /
 # 1.63x eager's tokens/s, but an IFEval evaluation (541 prompts, greedy, <= 1,024 tokens, 2026-12-05) only 1.11x
 # (724 vs 652 tokens/s: long sequences and batches that shrink as answers end; not profiled), and its engine start
-# took 69 s against 4 s, so the whole evaluation took 506 s compiled against 489 s eager.
+# took 69 s against 4 s, so the whole evaluation took 506 s compiled against 489 s eager. Since compile_cache.py a
+# model compiled once starts in about 10 s, but the cache is keyed by the model's path, so each new checkpoint (a
+# round's candidate) still compiles for about a minute: auto stays eager on CPU.
 
 
 def enforce_eager(compile_mode: str, on_gpu: bool) -> bool:
