@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from bench.generation_vs_commit import rotated
+from pipeline_lib.errors import ConfigError
 from pipeline_lib.generation import kv_blocks
+from pipeline_lib.stages import collect
 
 
 def test_default_is_32_on_cpu_and_vllms_own_on_gpus():
@@ -36,3 +38,15 @@ def test_rounds_rotate_the_order_of_the_sides():
     assert [rotated(sides, r) for r in range(4)] == [["old", "new", "compiled"], ["new", "compiled", "old"],
                                                      ["compiled", "old", "new"], ["old", "new", "compiled"]]
     assert sides == ["old", "new", "compiled"]  # the caller's list is left as it was
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the multiple-of-32 rule is vLLM's CPU backend's")
+def test_collect_takes_a_block_size_and_refuses_one_cpu_vllm_cannot_share_with_before_any_work(tmp_path):
+    assert collect.CollectConfig().kv_block_size is None
+    assert collect.CollectConfig(kv_block_size=64).kv_block_size == 64
+    with pytest.raises(ValueError, match="kv_block_size"):
+        collect.CollectConfig(kv_block_size=0)
+    # the check comes first: no policy, prompts or work dir is touched (None would fail on first use)
+    with pytest.raises(ConfigError, match=r"collect\.kv_block_size=48: on CPU.*multiples of 32"):
+        collect.run(None, None, collect.CollectConfig(kv_block_size=48), tmp_path / "work")
+    assert not (tmp_path / "work").exists()
