@@ -25,15 +25,16 @@ def install() -> bool:
     was added (False where torch has no such class, or the class already has the method: a vLLM or torch that no
     longer needs this)."""
     global _installed
+    if _installed:
+        return True
     try:
         from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable as Bundled
     except ImportError:
         return False
-    if "finalize_loading" in vars(Bundled) and not _installed:
+    if "finalize_loading" in vars(Bundled):
         return False
-    if not _installed:
-        Bundled.finalize_loading = _nothing_to_finalize
-        _installed = True
+    Bundled.finalize_loading = _nothing_to_finalize
+    _installed = True
     return True
 
 

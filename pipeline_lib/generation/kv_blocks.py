@@ -8,11 +8,11 @@ prefix caching on CPU: it must be a multiple of 32) let them share every full bl
 vLLM registers a block in the cache when it is allocated, and each layer writes a step's keys and values before its
 attention reads them.
 
-Measured (bench.generation, 32 prompts x K = 4, <= 128 tokens, eager, 2 cores of an AMD EPYC, 2026-12-06, one run
-for all sides): 615 tokens/s with blocks of 32 against 490 with 128 (1.26x; 64: 571). The first engine step pre-fills
-3,652 prompt rows instead of 7,944, and decode steps are no slower (a step's attention gathers more, smaller blocks).
-At K = 1 with 512-token answers (64 prompts, only the system prompt shared) 411 against 365 tokens/s, the same
-tokens. GPUs keep vLLM's own default (16 on CUDA), which shares already."""
+Measured (2 cores of an AMD EPYC, 2026-12-06, 32 prompts x K = 4, <= 128 tokens, eager, after an untimed warm-up
+run): the first engine step pre-fills 3,652 prompt rows instead of 7,944; tokens/s 613 against 548 with blocks of 128
+(1.12x, bench.generation) and 424 against 389 (1.09x, bench.generation_vs_commit, three rotated rounds). A first
+reading of 1.26x had the 128 side run first, in the slower first vLLM process of the run, and is not counted.
+GPUs keep vLLM's own default (16 on CUDA), which shares already."""
 
 from __future__ import annotations
 
