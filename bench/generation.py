@@ -62,7 +62,7 @@ def hf_generate(model_path: str, prompt_ids: list[list[int]], k: int, max_tokens
             "tokens_per_s": n_tokens / gen_s}
 
 
-SPEC_KEYS = ("compile", "cpu_kernels", "kv_block_size")
+SPEC_KEYS = ("compile", "cpu_kernels", "cpu_sampler", "kv_block_size")
 
 
 def vllm_collect(model_path: str, prompt_ids: list[list[int]], k: int, max_tokens: int, name: str = "",
@@ -81,7 +81,7 @@ def vllm_collect(model_path: str, prompt_ids: list[list[int]], k: int, max_token
     return {"backend": label, "load_s": stats["load_s"], "generate_s": stats["generate_s"],
             "generated_tokens": stats["generated_tokens"], "tokens_per_s": stats["generated_tokens"] /
             stats["generate_s"], "wall_s_incl_start": total,
-            **{key: stats.get(key) for key in ("kv_block_size", "prompt_tokens", "cached_prompt_tokens")}}
+            **{key: stats.get(key) for key in ("kv_block_size", "prompt_tokens", "cached_prompt_tokens", "cpu_sampler")}}
 
 
 def matmul_params(model_path: str) -> int:

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from pipeline_lib.generation import compile_cache, cpu_kernels, kv_blocks
+from pipeline_lib.generation import compile_cache, cpu_kernels, cpu_sampler, kv_blocks
 
 
 ENGINE_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
@@ -115,7 +115,8 @@ def run(spec: dict):
     on_gpu = torch.cuda.is_available()
     eager = enforce_eager(spec.get("compile", "auto"), on_gpu)
     t0, calls_before = time.perf_counter(), cpu_kernels.calls  # a served process runs many jobs: count this one's
-    loads_before = compile_cache.loads()
+    loads_before, sampler_calls_before = compile_cache.loads(), cpu_sampler.calls
+    sampler_on = cpu_sampler.configure(spec.get("cpu_sampler", "auto"), on_gpu)  # before the engine binds it
     engine_args = {"enforce_eager": eager, "disable_log_stats": False,  # counters for prompt_cache_stats
                    **cpu_kernels.engine_args(spec.get("cpu_kernels", "auto"), on_gpu, eager),
                    **kv_blocks.engine_args(spec.get("kv_block_size"), on_gpu),
@@ -165,6 +166,7 @@ def run(spec: dict):
              "compiled": not engine_args["enforce_eager"], "cpu_c_kernels": cpu_kernels.active(),
              "compiled_from_cache": compile_cache.loads() > loads_before,
              "cpu_c_kernel_calls": cpu_kernels.calls - calls_before,
+             "cpu_sampler": sampler_on, "cpu_sampler_calls": cpu_sampler.calls - sampler_calls_before,
              "engine_env": {k: os.environ.get(k) for k in ENGINE_ENV},
              "vllm_log_level": logging.getLevelName(logging.getLogger("vllm").getEffectiveLevel())}
     return pd.DataFrame(rows), stats

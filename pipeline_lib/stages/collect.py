@@ -44,6 +44,10 @@ class CollectConfig(Section):
         None, ge=1, description="tokens per vLLM KV-cache block: null = 32 on CPU (the K samples of a prompt share "
                                 "its full blocks: 1.09-1.12x tokens/s against vLLM's CPU default of 128) and vLLM's "
                                 "own default on GPUs; on CPU a multiple of 32 (generation/kv_blocks.py)")
+    cpu_sampler: Literal["auto", "native"] = Field(
+        "auto", description="how a CPU engine draws a token: auto = by inverse CDF, one random number a row "
+                            "(generation/cpu_sampler.py); native = vLLM's Gumbel-max kernel, one a vocabulary entry. "
+                            "The same distribution; a seed gives different samples under each. GPUs keep vLLM's")
 
 
 def run(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, work_dir: str | Path,
@@ -69,7 +73,7 @@ def run(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, work_di
                         seed=cfg.seed, kv_cache_gib=cfg.kv_cache_gib, quiet=quiet,
                         gpu_memory_utilization=cfg.gpu_memory_utilization,
                         tensor_parallel_size=cfg.tensor_parallel_size, compile=cfg.compile,
-                        kv_block_size=cfg.kv_block_size)
+                        kv_block_size=cfg.kv_block_size, cpu_sampler=cfg.cpu_sampler)
     with Progress(len(ids) * cfg.k, "collect", "samples", quiet=quiet) as progress:
         gen, stats = sample(policy.path, ids, spec, progress)
     meta = df.reset_index(drop=True)
@@ -84,6 +88,7 @@ def run(policy: ResolvedModel, prompts: ArtifactRef, cfg: CollectConfig, work_di
         "generate_s": stats["generate_s"],
         "engine_load_s": stats["load_s"],
         "engine_compiled": bool(stats.get("compiled", False)),
+        "engine_cpu_sampler": bool(stats.get("cpu_sampler", False)),
         "tokens_per_s": stats["generated_tokens"] / max(stats["generate_s"], 1e-9),
         "mean_response_tokens": float(rows["n_tokens"].mean()),
         "truncated_share": float((rows["finish_reason"] == "length").mean()),

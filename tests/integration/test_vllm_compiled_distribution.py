@@ -1,7 +1,8 @@
 """vLLM's compiled model (``compile: on``), the eager engine with the C++ RMSNorm kernels (``cpu_kernels: auto``,
 pipeline_lib/generation/cpu_kernels.py) and an engine whose samples do not share the prompt's KV blocks (vLLM's CPU
-block of 128 instead of kv_blocks.py's 32) sample from the same distribution as the plain eager engine and as the
-model itself.
+block of 128 instead of kv_blocks.py's 32), all drawing by inverse CDF (``cpu_sampler: auto``,
+pipeline_lib/generation/cpu_sampler.py), sample from the same distribution as the eager engine as vLLM ships it
+(native norm, Gumbel-max kernel) and as the model itself.
 
 The reference is the model's own next-token distribution computed by transformers (weights in bfloat16, as vLLM
 runs them, softmax at the sampling temperature). Each engine draws 4,000 first tokens of one chat prompt; tokens are
@@ -58,20 +59,22 @@ def test_compiled_eager_and_c_kernel_engines_sample_the_models_distribution(tiny
     expected = np.bincount(bin_of, weights=p)
     # every engine but the last shares the prompt's KV blocks among its 4,000 samples (blocks of 32 on CPU,
     # kv_blocks.py); the last keeps vLLM's CPU block of 128, which the prompt does not fill: nothing shared
-    engines = {"eager": dict(compile="off", cpu_kernels="native"), "compiled": dict(compile="on"),
+    engines = {"eager": dict(compile="off", cpu_kernels="native", cpu_sampler="native"), "compiled": dict(compile="on"),
                "eager, C kernels": dict(compile="off"), "eager, C kernels, blocks of 128": dict(kv_block_size=128)}
     counts, flags = {}, {}
     for name, kw in engines.items():
         df, stats = sample(tiny_model.path, [ids], SamplingSpec(n=N, temperature=T, top_p=1.0, max_tokens=1, seed=0,
                                                                 quiet=True, **kw))
         flags[name] = (stats["compiled"], stats["cpu_c_kernels"], stats["cpu_c_kernel_calls"] > 0,
-                       stats["kv_block_size"], stats["cached_prompt_tokens"] > 0)
+                       stats["kv_block_size"], stats["cached_prompt_tokens"] > 0,
+                       stats["cpu_sampler"], stats["cpu_sampler_calls"] > 0)
         first = np.array([t[0] for t in df["response_token_ids"]])
         counts[name] = np.bincount(bin_of[first], minlength=len(expected))
         fit = chisquare(counts[name], expected / expected.sum() * N)
         assert fit.pvalue > 1e-3, (name, counts[name], (expected * N).round(), fit)
-    assert flags == {"eager": (False, False, False, 32, True), "compiled": (True, False, False, 32, True),
-                     "eager, C kernels": (False, True, True, 32, True),
-                     "eager, C kernels, blocks of 128": (False, True, True, 128, False)}
+    assert flags == {"eager": (False, False, False, 32, True, False, False),
+                     "compiled": (True, False, False, 32, True, True, True),
+                     "eager, C kernels": (False, True, True, 32, True, True, True),
+                     "eager, C kernels, blocks of 128": (False, True, True, 128, False, True, True)}
     same = chi2_contingency(np.stack(list(counts.values())))
     assert same.pvalue > 1e-3, (counts, same)
