@@ -16,7 +16,7 @@ smoke: setup
 	$(VENV)/bin/alignflow run --config configs/smoke.yaml
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -10,9 +10,11 @@ import sys
 
 DEFAULT = ["generation", "training", "round"]
 # what `make bench` passes: the generation table with the engine's settings side by side (as shipped: eager with the
-# C++ RMSNorm kernels and KV blocks of 32; eager with vLLM's native norm; vLLM's CPU block of 128; compiled)
+# C++ RMSNorm kernels, KV blocks of 32 and inverse-CDF draws; eager with vLLM's native norm; vLLM's CPU block of 128;
+# vLLM's Gumbel-max sampler; compiled)
 ARGS = {"generation": ["--variant", 'native-norm={"cpu_kernels": "native"}', "--variant",
-                       'block-128={"kv_block_size": 128}', "--variant", 'compiled={"compile": "on"}']}
+                       'block-128={"kv_block_size": 128}', "--variant", 'native-sampler={"cpu_sampler": "native"}',
+                       "--variant", 'compiled={"compile": "on"}']}
 
 
 def main(argv: list[str] | None = None) -> None:

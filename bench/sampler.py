@@ -1,11 +1,13 @@
 """How long one decode step's random draw takes on this machine: vLLM's CPU sampler (Gumbel-max with a SplitMix64
-draw per vocabulary entry, one fused C++ op) against an inverse-CDF draw (softmax, cumulative sum, one uniform per
-row) on the same float32 logits, plus the log-softmax the collect stage pays for ``logprobs=0``. Both draws sample
-exactly from softmax(logits); they consume randomness differently, so the same seed gives other tokens.
+draw per vocabulary entry, one fused C++ op) against the inverse-CDF draw CPU engines use since 2026-12-06
+(pipeline_lib/generation/cpu_sampler.py: one uniform per row, a two-level search over chunks of 256 entries) and the
+same draw with one running sum over the whole vocabulary, on the same float32 logits, plus the log-softmax the collect
+stage pays for ``logprobs=0``. All draws sample exactly from softmax(logits); they consume randomness differently, so
+the same seed gives other tokens.
 
 Run: python -m bench.sampler [--rows 128] [--vocab 49152] [--threads 2] [--repeats 30]
-Writes bench/results/sampler[_TAG].json. A question for issue 21's generation target: is the sampler a lever worth
-replacing vLLM's kernel for? Compare its time with a decode step's (bench.generation's tokens/s at the same batch).
+Writes bench/results/sampler[_TAG].json. Compare a draw's time with a decode step's (bench.generation's tokens/s at
+the same batch); bench.generation's ``cpu_sampler`` variant measures the whole engine with either draw.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def draws(logits):
     import torch
     import vllm._custom_ops  # noqa: F401  registers torch.ops._C, vLLM's CPU kernels
 
+    from pipeline_lib.generation import cpu_sampler
+
     rows, vocab = logits.shape
 
     def gumbel_fused():
@@ -44,14 +48,16 @@ def draws(logits):
         return torch.ops._C.fused_gumbel_argmax(logits.to(torch.float32), seeds)
 
     def inverse_cdf():
-        cdf = logits.to(torch.float32).softmax(-1).cumsum(-1)
-        u = torch.rand(rows, 1) * cdf[:, -1:]  # scaled by the row's total: float32 sums need not reach 1
-        return torch.searchsorted(cdf, u).clamp_max(vocab - 1).squeeze(1)
+        return cpu_sampler.inverse_cdf(logits.to(torch.float32))  # a float32 copy: the draw works in place
+
+    def inverse_cdf_one_level():
+        return cpu_sampler.inverse_cdf(logits.to(torch.float32), chunk=vocab)
 
     def log_softmax():
         return logits.log_softmax(-1, dtype=torch.float32)
 
-    return {"gumbel_fused (vLLM CPU)": gumbel_fused, "inverse_cdf": inverse_cdf, "log_softmax (logprobs=0)": log_softmax}
+    return {"gumbel_fused (vLLM CPU)": gumbel_fused, "inverse_cdf (shipped, two levels)": inverse_cdf,
+            "inverse_cdf, one running sum": inverse_cdf_one_level, "log_softmax (logprobs=0)": log_softmax}
 
 
 def main(argv=None) -> None:

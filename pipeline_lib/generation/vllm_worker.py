@@ -96,26 +96,19 @@ def register_cast_loader() -> str:
     return CAST_LOADER
 
 
-def run(spec: dict):
-    import logging
-
-    import pandas as pd
-
-    _apply_engine_defaults(spec)
-    _follow_log_level()
+def build_engine(spec: dict):
+    """The engine a job's spec asks for, built as every job builds it (bench.generation_profile builds it here too, so
+    it profiles the engine the stage runs). Returns (llm, the engine arguments given to vLLM, whether the inverse-CDF
+    sampler is on)."""
     import torch
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     # One process, one engine: the loader is registered here (tensor-parallel workers in other processes would not
     # see it, so they keep vLLM's own loader).
     load_format = register_cast_loader() if spec.get("tensor_parallel_size", 1) == 1 and spec.get(
         "cast_loader", True) else "auto"
-
     on_gpu = torch.cuda.is_available()
     eager = enforce_eager(spec.get("compile", "auto"), on_gpu)
-    t0, calls_before = time.perf_counter(), cpu_kernels.calls  # a served process runs many jobs: count this one's
-    loads_before, sampler_calls_before = compile_cache.loads(), cpu_sampler.calls
     sampler_on = cpu_sampler.configure(spec.get("cpu_sampler", "auto"), on_gpu)  # before the engine binds it
     engine_args = {"enforce_eager": eager, "disable_log_stats": False,  # counters for prompt_cache_stats
                    **cpu_kernels.engine_args(spec.get("cpu_kernels", "auto"), on_gpu, eager),
@@ -134,6 +127,22 @@ def run(spec: dict):
         # vLLM engine arguments a caller sets explicitly (bench.generation's sweep: max_num_seqs, compilation, ...)
         **engine_args,
     )
+    return llm, engine_args, sampler_on
+
+
+def run(spec: dict):
+    import logging
+
+    import pandas as pd
+
+    _apply_engine_defaults(spec)
+    _follow_log_level()
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0, calls_before = time.perf_counter(), cpu_kernels.calls  # a served process runs many jobs: count this one's
+    loads_before, sampler_calls_before = compile_cache.loads(), cpu_sampler.calls
+    llm, engine_args, sampler_on = build_engine(spec)
     t_load = time.perf_counter() - t0
     params = SamplingParams(
         n=spec["n"],

@@ -26,18 +26,24 @@ def _run(model, block):
                                                    kv_block_size=block, reuse_worker="off"))
 
 
+@pytest.fixture(scope="module")
+def default_run(tiny_model):
+    """One run at the default block size, read by both tests (an engine start is most of a run's time)."""
+    return _run(tiny_model, None)
+
+
 @pytest.mark.slow
-def test_samples_of_a_prompt_share_its_full_blocks(tiny_model):
+def test_samples_of_a_prompt_share_its_full_blocks(tiny_model, default_run):
     counts = {}
     for block in (None, 64, 128):
-        _, st = _run(tiny_model, block)
+        _, st = default_run if block is None else _run(tiny_model, block)
         counts[block] = (st["kv_block_size"], st["prefix_caching"], st["prompt_tokens"], st["cached_prompt_tokens"])
     assert counts == {None: (32, True, 560, 416), 64: (64, True, 560, 384), 128: (128, True, 560, 0)}
 
 
 @pytest.mark.slow
-def test_shared_blocks_draw_the_same_samples_for_the_same_seed(tiny_model):
-    first, _ = _run(tiny_model, None)
+def test_shared_blocks_draw_the_same_samples_for_the_same_seed(tiny_model, default_run):
+    first, _ = default_run
     again, _ = _run(tiny_model, None)
     draws = [df.sort_values(["prompt_index", "sample_index"])[["response_token_ids", "behavior_logp_seq"]]
              for df in (first, again)]

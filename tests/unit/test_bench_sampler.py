@@ -1,4 +1,4 @@
-"""bench.sampler's two draws sample from softmax(logits): over many rows, each with its own logits, every token's count
+"""bench.sampler's draws sample from softmax(logits): over many rows, each with its own logits, every token's count
 matches the sum of its probabilities within sampling error (4 standard errors per token)."""
 
 import torch
@@ -11,7 +11,7 @@ def test_both_draws_sample_the_softmax():
     logits = random_logits(rows, vocab)
     fns = draws(logits)
     torch.manual_seed(1)
-    for name in ("gumbel_fused (vLLM CPU)", "inverse_cdf"):
+    for name in ("gumbel_fused (vLLM CPU)", "inverse_cdf (shipped, two levels)", "inverse_cdf, one running sum"):
         ids = fns[name]()
         assert ids.shape == (rows,) and int(ids.min()) >= 0 and int(ids.max()) < vocab
         # each row has its own logits: the expected count of token j is the sum of its probabilities over the rows
