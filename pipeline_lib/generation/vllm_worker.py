@@ -50,8 +50,10 @@ CAST_LOADER = "alignflow_cast"
 # 1.63x eager's tokens/s, but an IFEval evaluation (541 prompts, greedy, <= 1,024 tokens, 2026-12-05) only 1.11x
 # (724 vs 652 tokens/s: long sequences and batches that shrink as answers end; not profiled), and its engine start
 # took 69 s against 4 s, so the whole evaluation took 506 s compiled against 489 s eager. Since compile_cache.py a
-# model compiled once starts in about 10 s, but the cache is keyed by the model's path, so each new checkpoint (a
-# round's candidate) still compiles for about a minute: auto stays eager on CPU.
+# model compiled once starts in about 10 s, also as another checkpoint of its architecture (2026-12-06: a directory
+# never seen before loaded in 10.5 s against 5.4 s eager and generated 717 against 557-584 tokens/s; the same wall time
+# for a job of 11,000 tokens). auto stays eager on CPU: the first compile of an architecture on a machine costs about a
+# minute, which small jobs (tests, the demo) would pay, and long ones have not been re-measured since.
 
 
 def enforce_eager(compile_mode: str, on_gpu: bool) -> bool:
@@ -114,13 +116,17 @@ def build_engine(spec: dict):
                    **cpu_kernels.engine_args(spec.get("cpu_kernels", "auto"), on_gpu, eager),
                    **kv_blocks.engine_args(spec.get("kv_block_size"), on_gpu),
                    **spec.get("engine_args", {})}
+    max_model_len = spec.get("max_model_len")
     if not engine_args["enforce_eager"]:
         compile_cache.install()  # a compiled model loads from vLLM's cache instead of compiling again
+        if not on_gpu:  # ... also for another checkpoint of the same architecture and a similar length
+            compile_cache.key_by_architecture()
+            max_model_len = compile_cache.bucketed_max_model_len(max_model_len, spec["model"])
     llm = LLM(
         model=spec["model"],
         seed=spec["seed"],  # per-request seeds crash the CPU sampler ("CPU Generator does not use offset")
         dtype=spec.get("dtype", "auto"),
-        max_model_len=spec.get("max_model_len"),
+        max_model_len=max_model_len,
         gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
         tensor_parallel_size=spec.get("tensor_parallel_size", 1),
         load_format=load_format,

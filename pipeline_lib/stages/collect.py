@@ -37,9 +37,10 @@ class CollectConfig(Section):
     tensor_parallel_size: int = Field(1, ge=1)
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="vLLM's compiled model (enforce_eager=false): auto = compiled on GPUs, eager on CPU; on "
-                            "CPU, `on` generated 1.07-1.63x faster on short batched samples; the first start of a "
-                            "model compiles it (~1 min), later starts of the same model load it from vLLM's cache "
-                            "(~10 s against ~4 s eager; README, Performance). Same sampling distribution either way")
+                            "CPU, `on` generated 1.07-1.63x faster on short batched samples; the first start of an "
+                            "architecture compiles it (~1 min), later starts of any checkpoint of it load it from "
+                            "vLLM's cache (~10 s against ~5 s eager; generation/compile_cache.py, README Performance). "
+                            "Same sampling distribution either way")
     kv_block_size: int | None = Field(
         None, ge=1, description="tokens per vLLM KV-cache block: null = 32 on CPU (the K samples of a prompt share "
                                 "its full blocks: 1.09-1.12x tokens/s against vLLM's CPU default of 128) and vLLM's "
