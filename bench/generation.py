@@ -81,7 +81,8 @@ def vllm_collect(model_path: str, prompt_ids: list[list[int]], k: int, max_token
     return {"backend": label, "load_s": stats["load_s"], "generate_s": stats["generate_s"],
             "generated_tokens": stats["generated_tokens"], "tokens_per_s": stats["generated_tokens"] /
             stats["generate_s"], "wall_s_incl_start": total,
-            **{key: stats.get(key) for key in ("kv_block_size", "prompt_tokens", "cached_prompt_tokens", "cpu_sampler")}}
+            **{key: stats.get(key)
+               for key in ("kv_block_size", "prompt_tokens", "cached_prompt_tokens", "cpu_sampler")}}
 
 
 def matmul_params(model_path: str) -> int:

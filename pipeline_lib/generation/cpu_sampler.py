@@ -25,8 +25,7 @@ function, as in its path. ``cpu_sampler: native`` keeps vLLM's kernel for a job.
 
 from __future__ import annotations
 
-PROVIDER = "alignflow_inverse_cdf"
-calls = 0  # rows batches sampled here in this process: the worker reports it, so a silent fallback shows
+calls = 0  # sampler calls (engine steps) served here in this process: the worker reports it, so a fallback shows
 _enabled = False  # this job's setting: a kept worker (warm.py) serves jobs with either setting in one process
 _vllm_forward_cpu = None  # vLLM's own method, kept for what this does not take
 CHUNK = 256  # entries a chunk of the two-level search (49,152 = 192 x 256 for SmolLM2's vocabulary)

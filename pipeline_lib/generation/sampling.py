@@ -40,7 +40,7 @@ class SamplingSpec:
     quiet: bool = False
     compile: str = "auto"  # "auto" | "on" | "off": see vllm_worker.enforce_eager
     cpu_kernels: str = "auto"  # "auto" | "native": vLLM's C++ RMSNorm in eager CPU engines (generation/cpu_kernels.py)
-    cpu_sampler: str = "auto"  # "auto" | "native": inverse-CDF draws instead of vLLM's Gumbel kernel on CPU (cpu_sampler.py)
+    cpu_sampler: str = "auto"  # "auto" | "native": inverse-CDF draws on CPU, or vLLM's Gumbel kernel (cpu_sampler.py)
     kv_block_size: int | None = None  # None: 32 on CPU so samples of one prompt share its blocks (kv_blocks.py)
     reuse_worker: str = "auto"  # "auto" | "on" | "off": run in the kept worker process (generation/warm.py)
     extra: dict = field(default_factory=dict)
