@@ -8,7 +8,9 @@ Rooflines, measured in the same run: a generated token costs about 2 N FLOPs (N 
 tied head included), so the compute roofline is ``peak / 2N`` tokens/s with ``peak`` the measured bf16 matmul rate;
 a decode step reads every weight once for the whole running batch, so the memory roofline is ``B * bandwidth /
 weight bytes`` for a batch of B sequences (B = prompts x K at the start of the batch, fewer as sequences finish;
-KV-cache reads are left out, so it is an upper bound). The fraction reported is of the lower of the two.
+KV-cache reads are left out, so it is an upper bound). The fraction reported is of the lower of the two. A tighter
+bound on CPUs: the step's own GEMMs replayed alone at the run's rows a step (``bench.matmul_ceiling``), the tokens/s
+of an engine whose attention, norms, sampling and scheduling took no time.
 
 ``--variant NAME=JSON`` runs the vLLM side again with those engine arguments (e.g. ``compiled={"enforce_eager":
 false}``) or the worker's own settings (``{"cpu_kernels": "native"}``, ``{"compile": "on"}``), each in its own engine
@@ -22,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
-from pathlib import Path
 
 from bench.common import machine, matmul_peak_tflops, md_table, save
 
@@ -86,15 +86,12 @@ def vllm_collect(model_path: str, prompt_ids: list[list[int]], k: int, max_token
 
 
 def matmul_params(model_path: str) -> int:
-    """Parameters that take part in a matmul per generated token: every weight in the checkpoint except the input
-    embedding, which is a lookup; with tied embeddings that same matrix is the output head and does count."""
-    from pipeline_lib.cost.accounting import parameter_shapes
+    """Parameters that take part in a matmul per generated token: every GEMM weight of a step (bench.matmul_ceiling's
+    shapes), so not the norms, nor the input embedding, which is a lookup; with tied embeddings that same matrix is
+    the output head and does count."""
+    from bench.matmul_ceiling import gemm_shapes
 
-    shapes = parameter_shapes(model_path)
-    total = sum(math.prod(s) for s in shapes.values())
-    embed = sum(math.prod(s) for name, s in shapes.items() if name.endswith("embed_tokens.weight"))
-    tied = json.loads((Path(model_path) / "config.json").read_text()).get("tie_word_embeddings", False)
-    return total if tied else total - embed
+    return sum(n * k for _, n, k in gemm_shapes(model_path))
 
 
 def memory_gbps(mib: int = 512, reps: int = 5) -> float:
@@ -115,6 +112,19 @@ def rooflines(n_params: int, batch: int, peak_tflops: float, gbps: float, bytes_
     memory = batch * gbps * 1e9 / (n_params * bytes_per_param)
     return {"params": n_params, "peak_bf16_tflops": peak_tflops, "memory_gbps": gbps, "batch": batch,
             "compute_roofline_tok_s": compute, "memory_roofline_tok_s": memory, "roofline_tok_s": min(compute, memory)}
+
+
+def matmul_ceilings(model_path: str, batch: int, mean_rows: float) -> list[dict]:
+    """The step's GEMMs alone (bench.matmul_ceiling) at the full batch and at the run's mean rows a step (generated
+    tokens over max_tokens steps: sequences end early, so most steps run fewer rows than the batch); the fractions are
+    taken of the second, the last entry. CPU only: on a GPU the replay would time vLLM's CPU kernels, not the engine's."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    from bench.matmul_ceiling import replay
+
+    return replay(model_path, sorted({batch, max(1, round(mean_rows))}, reverse=True))
 
 
 def bench_prompt_ids(model: str, n: int):
@@ -155,18 +165,24 @@ def main(argv=None) -> dict:
     if not a.no_hf:
         rows.append(hf_generate(m.path, ids, a.k, a.max_tokens, a.hf_batch_prompts, a.hf_dtype))
     roof = rooflines(matmul_params(m.path), a.prompts * a.k, matmul_peak_tflops("bfloat16"), memory_gbps())
+    ceiling = matmul_ceilings(m.path, a.prompts * a.k, rows[0]["generated_tokens"] / a.max_tokens)
     for r in rows:
         r["roofline_fraction"] = r["tokens_per_s"] / roof["roofline_tok_s"]
+        if ceiling:
+            r["matmul_ceiling_fraction"] = r["tokens_per_s"] / ceiling[-1]["ceiling_tok_s"]
     hf = next((r for r in rows if r["backend"] == "hf_generate"), None)
     ratio = rows[0]["tokens_per_s"] / hf["tokens_per_s"] if hf else None
     result = {"bench": "generation", "machine": machine(), "settings": vars(a), "rows": rows, "roofline": roof,
-              "ratio_vllm_over_hf": ratio, "target": 1.5}
+              "matmul_ceiling": ceiling, "ratio_vllm_over_hf": ratio, "target": 1.5}
     save("generation", result)
     print(md_table(rows, ["backend", "generated_tokens", "generate_s", "tokens_per_s", "roofline_fraction",
-                          "load_s"]))
+                          "matmul_ceiling_fraction", "load_s"]))
     print(f"\nrooflines ({roof['params'] / 1e6:.1f}M matmul params, bf16 peak {roof['peak_bf16_tflops']:.2f} TFLOP/s, "
           f"copy bandwidth {roof['memory_gbps']:.1f} GB/s, batch {roof['batch']}): compute "
           f"{roof['compute_roofline_tok_s']:.0f} tok/s, memory {roof['memory_roofline_tok_s']:.0f} tok/s")
+    for c in ceiling:
+        print(f"matmul ceiling at {c['batch']} rows a step ({c['gemms_per_step']} GEMMs, {c['tflops']:.3f} TFLOP/s): "
+              f"{c['ceiling_tok_s']:.0f} tok/s")
     if ratio:
         print(f"vLLM / HF generate tokens/s: {ratio:.2f}x (target >= 1.5x)")
     return result

@@ -25,9 +25,9 @@ def test_matmul_params_counts_the_head_once_and_not_the_lookup(tmp_path, tied):
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(tmp_path, safe_serialization=True)
     unique = sum(p.numel() for p in model.parameters())  # a tied matrix is one parameter
-    embed = 100 * 16
+    embed, norms = 100 * 16, 16 * (2 * 2 + 1)  # two norms a layer and the final one: elementwise, no matmul
     # tied: the shared matrix is the head (a matmul) -> all unique parameters; untied: the lookup table is not
-    assert matmul_params(str(tmp_path)) == (unique if tied else unique - embed)
+    assert matmul_params(str(tmp_path)) == (unique - norms if tied else unique - norms - embed)
 
 
 def test_compile_decision():
