@@ -28,6 +28,7 @@ from __future__ import annotations
 calls = 0  # sampler calls (engine steps) served here in this process: the worker reports it, so a fallback shows
 _enabled = False  # this job's setting: a kept worker (warm.py) serves jobs with either setting in one process
 _vllm_forward_cpu = None  # vLLM's own method, kept for what this does not take
+_vllm_helpers = None  # (PROCESSED_LOGPROBS_MODES, apply_top_k_top_p), bound by configure, not at each engine step
 CHUNK = 256  # entries a chunk of the two-level search (49,152 = 192 x 256 for SmolLM2's vocabulary)
 
 
@@ -75,9 +76,8 @@ def _first_above(sums, x):
 
 
 def _forward_cpu(self, logits, generators, k, p):
-    from vllm.v1.sample.ops.topk_topp_sampler import PROCESSED_LOGPROBS_MODES, apply_top_k_top_p
-
-    if not _enabled or generators or self.use_fp64_gumbel or self.logprobs_mode in PROCESSED_LOGPROBS_MODES:
+    processed_modes, apply_top_k_top_p = _vllm_helpers
+    if not _enabled or generators or self.use_fp64_gumbel or self.logprobs_mode in processed_modes:
         return _vllm_forward_cpu(self, logits, generators, k, p)
     global calls
     calls += 1
@@ -87,15 +87,17 @@ def _forward_cpu(self, logits, generators, k, p):
 def configure(mode: str, on_gpu: bool) -> bool:
     """Set this job's sampler before its engine is built: "auto" samples by inverse CDF on CPU, "native" keeps vLLM's
     Gumbel kernel. Returns whether the inverse-CDF sampler is on."""
-    global _enabled, _vllm_forward_cpu
+    global _enabled, _vllm_forward_cpu, _vllm_helpers
     modes = {"auto": lambda: not on_gpu, "native": lambda: False}
     if mode not in modes:
         raise ValueError(f"cpu_sampler={mode!r}: expected one of {sorted(modes)}")
     _enabled = modes[mode]()
     if _enabled and _vllm_forward_cpu is None:
-        from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+        from vllm.v1.sample.ops.topk_topp_sampler import (PROCESSED_LOGPROBS_MODES, TopKTopPSampler,
+                                                          apply_top_k_top_p)
 
         # the engine binds forward_cpu to its sampler when it builds it: patch the class before that
+        _vllm_helpers = (PROCESSED_LOGPROBS_MODES, apply_top_k_top_p)
         _vllm_forward_cpu = TopKTopPSampler.forward_cpu
         TopKTopPSampler.forward_cpu = _forward_cpu
     return _enabled
