@@ -15,8 +15,11 @@ of an engine whose attention, norms, sampling and scheduling took no time.
 ``--variant NAME=JSON`` runs the vLLM side again with those engine arguments (e.g. ``compiled={"enforce_eager":
 false}``) or the worker's own settings (``{"cpu_kernels": "native"}``, ``{"compile": "on"}``), each in its own engine
 process, so settings are compared in one run. ``--warmup`` (default 1) untimed vLLM runs go first: the first vLLM
-process of a run generated 10-20% slower than the ones after it (2026-12-06, 2 cores of an AMD EPYC; not explained),
-which counted against whichever side ran first.
+process of a run generated 10-30% slower than the ones after it (2026-12-06, 2 cores of an AMD EPYC), which counted
+against whichever side ran first. The cause, found that evening: with ``logprobs=0`` vLLM ranks each sampled token with
+``batched_count_greater_than``, a ``torch.compile``d helper; with an empty Inductor cache its first call compiles for
+about 10 s (1.9 s in a process after it, from the cache), inside the first generation (a fresh
+``TORCHINDUCTOR_CACHE_DIR``, three processes in turn: 420, 583, 551 tokens/s).
 Run: python -m bench.generation [--model REF] [--prompts N] [--k K] [--max-tokens T] [--variant NAME=JSON ...]
 """
 
