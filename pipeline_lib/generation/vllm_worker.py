@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from pipeline_lib.generation import compile_cache, cpu_kernels, cpu_sampler, kv_blocks
+from pipeline_lib.generation import compile_cache, cpu_kernels, cpu_ranks, cpu_sampler, kv_blocks
 
 
 ENGINE_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
@@ -113,6 +113,7 @@ def build_engine(spec: dict):
     on_gpu = torch.cuda.is_available()
     eager = enforce_eager(spec.get("compile", "auto"), on_gpu)
     sampler_on = cpu_sampler.configure(spec.get("cpu_sampler", "auto"), on_gpu)  # before the engine binds it
+    cpu_ranks.configure(on_gpu)
     engine_args = {"enforce_eager": eager, "disable_log_stats": False,  # counters for prompt_cache_stats
                    **cpu_kernels.engine_args(spec.get("cpu_kernels", "auto"), on_gpu, eager),
                    **kv_blocks.engine_args(spec.get("kv_block_size"), on_gpu),
@@ -149,6 +150,7 @@ def run(spec: dict):
 
     t0, calls_before = time.perf_counter(), cpu_kernels.calls  # a served process runs many jobs: count this one's
     loads_before, sampler_calls_before = compile_cache.loads(), cpu_sampler.calls
+    ranks_before = dict(cpu_ranks.calls)
     llm, engine_args, sampler_on = build_engine(spec)
     t_load = time.perf_counter() - t0
     params = SamplingParams(
@@ -183,6 +185,7 @@ def run(spec: dict):
              "compiled_from_cache": compile_cache.loads() > loads_before,
              "cpu_c_kernel_calls": cpu_kernels.calls - calls_before,
              "cpu_sampler": sampler_on, "cpu_sampler_calls": cpu_sampler.calls - sampler_calls_before,
+             **{f"cpu_{path}_rank_calls": n - ranks_before[path] for path, n in cpu_ranks.calls.items()},
              "engine_env": {k: os.environ.get(k) for k in ENGINE_ENV},
              "vllm_log_level": logging.getLevelName(logging.getLogger("vllm").getEffectiveLevel())}
     return pd.DataFrame(rows), stats

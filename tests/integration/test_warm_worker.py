@@ -45,6 +45,9 @@ def test_kept_worker_draws_what_fresh_workers_draw(tiny_model, no_kept_worker):
     second, st2 = sample(other.path, IDS, _spec(seed=5, reuse_worker="on"))
     third, _ = sample(tiny_model.path, IDS, _spec(seed=3, reuse_worker="on"))
     assert pid is not None and warm.kept_pid() == pid and st1["kept_worker"] and st2["kept_worker"]
+    # each job counts its own steps' ranks, all by the plain op (cpu_ranks.py): no compile in these short jobs
+    assert st1["cpu_eager_rank_calls"] > 0 and st2["cpu_eager_rank_calls"] > 0
+    assert st1["cpu_compiled_rank_calls"] == st2["cpu_compiled_rank_calls"] == 0
     assert _draws(first) == _draws(fresh[0]) == _draws(third)  # token ids and log-probs, exactly
     assert _draws(second) == _draws(fresh[1])
     assert _draws(first) != _draws(second)
