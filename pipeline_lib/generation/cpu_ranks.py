@@ -14,7 +14,7 @@ GPUs keep vLLM's op throughout.
 from __future__ import annotations
 
 EAGER_CALLS = 512  # engine steps ranked with the plain op before a process moves to vLLM's compiled op
-calls = {"eager": 0, "compiled": 0}  # this process's calls by path; the worker reports the eager ones per job
+calls = {"eager": 0, "compiled": 0}  # this process's calls by path; the worker reports each job's share of both
 _vllm_count = None  # vLLM's compiled op, once patched
 
 
