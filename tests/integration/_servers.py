@@ -65,6 +65,27 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait(timeout=grace)
 
 
+# Prefect's server answers 503 only for errors it classes as retryable (SQLite busy or locked, a dropped database
+# connection: ``is_client_retryable_exception`` in prefect/server/api/server.py); the request's transaction was rolled
+# back, and Prefect's own client sends any method again on 429/502/503 with backoff. The tests' raw HTTP does the same
+# for 503 (seen once in CI: POST /deployments/ while the server's services wrote to its SQLite file).
+POST_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def post_retrying_503(url: str, body: dict | None = None, delays: tuple[float, ...] = POST_RETRY_DELAYS
+                      ) -> httpx.Response:
+    """POST ``body``; on a 503 wait and send it again (once per entry of ``delays``); any other status >= 400, or
+    a 503 after the last delay, is an AssertionError naming the request and the answer."""
+    for delay in (*delays, None):
+        r = httpx.post(url, json=body or {}, timeout=30)
+        if r.status_code != 503 or delay is None:
+            break
+        time.sleep(delay)
+    if r.status_code >= 400:
+        raise AssertionError(f"POST {url} -> {r.status_code}: {r.text[:2000]}")
+    return r
+
+
 class PrefectServer:
     """``prefect server start --host 127.0.0.1 --port <free>`` with its own home and SQLite database."""
 
@@ -118,15 +139,13 @@ class PrefectServer:
 
     # -- REST, as the UI calls it -------------------------------------------------------------------------------
     def post(self, path: str, body: dict | None = None) -> httpx.Response:
-        r = httpx.post(f"{self.api}{path}", json=body or {}, timeout=30)
-        if r.status_code >= 400:
-            raise AssertionError(f"POST {path} -> {r.status_code}: {r.text[:2000]}")
-        return r
+        return post_retrying_503(f"{self.api}{path}", body)
 
     def get(self, path: str, attempts: int = 3) -> dict:
         """GET, asked again (up to ``attempts`` times) when it times out or gets a 5xx: on a 2-core machine the
         embedded SQLite server can stall past a request's timeout while a flow run it serves trains and writes
-        states (seen once in CI: a 30 s read timeout polling a flow run). Reads only; a POST is never repeated."""
+        states (seen once in CI: a 30 s read timeout polling a flow run). A POST is repeated only on a 503 (see
+        ``post_retrying_503``), never after a timeout, which may have applied it."""
         for _ in range(attempts):
             body = self._get_once(path)
             if body is not None:

@@ -103,7 +103,6 @@ def test_finished_stages_are_reused_untouched(crashed_and_rerun):
 
 @pytest.mark.slow
 def test_no_duplicate_mlflow_runs_and_cached_prefect_states(crashed_and_rerun):
-    import httpx
     from mlflow.tracking import MlflowClient
 
     r = crashed_and_rerun
@@ -117,8 +116,7 @@ def test_no_duplicate_mlflow_runs_and_cached_prefect_states(crashed_and_rerun):
     assert sorted(children) == sorted([*FINISHED_STAGES, "train"])  # one each: nothing logged twice
     assert all(children[s] == r["runs_before"][s] for s in FINISHED_STAGES)
     flow_run_id = parents[0].data.tags["prefect.flow_run_id"]  # the second flow run re-tagged the parent
-    tasks = httpx.post(f"{r['server'].api}/task_runs/filter",
-                       json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=30).json()
+    tasks = r["server"].post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}}).json()
     states = {re.sub(r"-[0-9a-f]{3}$", "", t["name"]): t["state"]["type"] for t in tasks
               if not t["name"].startswith("resolve-model")}
     # the prompts task runs are named by split (train, held-out); the others get Prefect's random suffix, cut above
