@@ -120,7 +120,8 @@ def rooflines(n_params: int, batch: int, peak_tflops: float, gbps: float, bytes_
 def matmul_ceilings(model_path: str, batch: int, mean_rows: float) -> list[dict]:
     """The step's GEMMs alone (bench.matmul_ceiling) at the full batch and at the run's mean rows a step (generated
     tokens over max_tokens steps: sequences end early, so most steps run fewer rows than the batch); the fractions are
-    taken of the second, the last entry. CPU only: on a GPU the replay would time vLLM's CPU kernels, not the engine's."""
+    taken of the second, the last entry. CPU only: on a GPU the replay would time vLLM's CPU kernels, not the
+    engine's."""
     import torch
 
     if torch.cuda.is_available():

@@ -7,8 +7,8 @@ into a temporary git worktree and runs its ``bench.generation.vllm_collect`` and
 (``--repeats`` rounds, each side once a round, the order rotated by one each round so that no side always runs
 first: the first vLLM process of a run was 10-20% slower than the ones after it, 2026-12-06, after ``--warmup``
 discarded runs of this tree's default side; the cause was vLLM compiling its token-rank helper on an empty Inductor
-cache, which a tree from before cpu_ranks.py still does in its first process), each in its own process, on the same prompt token ids (this tree's
-builtin generator, seed 0), with the same sampling (K samples at T = 1, top-p 1, engine seed 0). Both trees use this
+cache, which a tree from before cpu_ranks.py still does in its first process), each in its own process, on the same
+prompt token ids (this tree's builtin generator, seed 0), with the same sampling (K samples at T = 1, top-p 1, engine seed 0). Both trees use this
 interpreter's packages. Reported: generated tokens/s per side and repeat, the mean, the ratio to the old commit's
 mean, and each mean as a fraction of the compute roofline (2 N FLOPs a token over the bf16 matmul peak, measured at
 the start and the end of the run).
